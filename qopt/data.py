@@ -1,0 +1,107 @@
+"""Text sources, tokenization, and the search / evaluation split.
+
+The token stream is cut once: the first `search_fraction` of it is the
+*search* part (calibration and the search's objective), the rest the
+*evaluation* part, which the search never sees. Each part is cut into
+non-overlapping windows of `seq_len` tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qopt.errors import QoptError
+
+PARTS = ("search", "eval")
+
+
+def load_text(source: str) -> str:
+    """Read a text source.
+
+    - a `.txt` (or any text) file: its contents;
+    - a `.json` file holding a list of strings: the rows joined by blank lines
+      (the WikiText convention of the GPTQ/AWQ papers);
+    - `hf:NAME[:CONFIG[:SPLIT]]`: a `datasets` data set's `text` column, rows
+      joined by blank lines (needs the hub or a local datasets cache).
+    """
+    if source.startswith("hf:"):
+        return _load_hub_text(source)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise QoptError(f"data file {source} does not exist (give a text file, a JSON list of strings, or hf:NAME[:CONFIG[:SPLIT]])")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise QoptError(f"data file {source} is not valid JSON: {exc}") from exc
+        if not isinstance(rows, list) or not all(isinstance(r, str) for r in rows):
+            raise QoptError(f"data file {source} must hold a JSON list of strings")
+        text = "\n\n".join(rows)
+    if not text.strip():
+        raise QoptError(f"data file {source} is empty")
+    return text
+
+
+def _load_hub_text(source: str) -> str:
+    import datasets
+
+    name, config, split = (source[3:].split(":") + [None, None])[:3]
+    try:
+        rows = datasets.load_dataset(name, config or None, split=split or "test")["text"]
+    except Exception as exc:  # datasets raises many types for "not reachable / not found"
+        raise QoptError(f"could not load data set {source!r}: {str(exc).splitlines()[0]}") from exc
+    return "\n\n".join(rows)
+
+
+def tokenize(tokenizer: object, text: str) -> torch.Tensor:
+    """The whole text as one stream of token ids [n_tokens] (no special tokens added)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]  # type: ignore[operator]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class TokenSplit:
+    """Windows of each part: `search` is [n_search, seq_len], `eval` is [n_eval, seq_len]."""
+
+    search: torch.Tensor
+    eval: torch.Tensor
+
+    def part(self, name: str) -> torch.Tensor:
+        if name not in PARTS:
+            raise QoptError(f"part {name!r} is not one of {', '.join(PARTS)}")
+        return self.search if name == "search" else self.eval
+
+
+def split_windows(
+    ids: torch.Tensor,
+    seq_len: int,
+    search_fraction: float = 0.5,
+    max_windows: tuple[int | None, int | None] = (None, None),
+    seed: int = 0,
+) -> TokenSplit:
+    """Cut a token stream into the search and evaluation parts, then into windows.
+
+    The parts are contiguous and disjoint (search first). If a part has more
+    windows than its cap in `max_windows` (search, eval), a seeded random
+    subset is kept, in stream order.
+    """
+    if not 0.0 < search_fraction < 1.0:
+        raise QoptError(f"search_fraction must be in (0, 1), got {search_fraction}")
+    cut = int(len(ids) * search_fraction)
+    parts = []
+    for tokens, cap, offset in ((ids[:cut], max_windows[0], 0), (ids[cut:], max_windows[1], 1)):
+        n = len(tokens) // seq_len
+        if n == 0:
+            raise QoptError(f"the text is too short: a part of {len(tokens)} tokens has no window of {seq_len} tokens")
+        windows = tokens[: n * seq_len].view(n, seq_len)
+        if cap is not None and n > cap:
+            generator = torch.Generator().manual_seed(seed * 2 + offset)
+            keep = torch.randperm(n, generator=generator)[:cap].sort().values
+            windows = windows[keep]
+        parts.append(windows)
+    return TokenSplit(search=parts[0], eval=parts[1])

@@ -1,0 +1,164 @@
+"""Measure a strategy: quality against the unquantized model, and true size.
+
+Metrics, over all positions of every window in one part of the data:
+- `kl`: mean KL(P_fp || P_q) of next-token distributions, in nats per token;
+- `ppl`: perplexity of the quantized model on the text;
+- `top1`: fraction of positions where both models' most likely token agree.
+The unquantized model's log-probabilities are computed once per part and
+cached in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from qopt.calibration import ActivationStats, collect_activation_stats
+from qopt.data import TokenSplit, split_windows, tokenize
+from qopt.errors import QoptError
+from qopt.model import LoadedModel
+from qopt.quantizer import Quantizer
+from qopt.strategy import Strategy
+
+#: Refuse to cache more reference log-probs than this (bytes); use fewer windows.
+REFERENCE_CACHE_LIMIT = 4 * 2**30
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How text becomes evaluation windows.
+
+    `seq_len` is tokens per window, capped by the model's context length.
+    `search_windows` / `eval_windows` cap the windows used per part (a seeded
+    subset); `calib_windows` are taken from the search part for calibration.
+    """
+
+    seq_len: int = 512
+    search_fraction: float = 0.5
+    search_windows: int = 16
+    eval_windows: int = 64
+    calib_windows: int = 8
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """The measured outcome of one strategy on one part of the data."""
+
+    part: str
+    bpw: float  # bits per weight of the transformer blocks' linear layers
+    kl: float  # nats per token
+    ppl: float
+    top1: float
+    fp_ppl: float  # the unquantized model's perplexity on the same windows
+    tokens: int  # positions scored
+    seconds: float  # quantization + forward passes for this strategy
+    embed_bpw: float
+    head_bpw: float
+    total_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Reference:
+    logprobs: torch.Tensor  # [n_windows, seq_len, vocab], fp32
+    nll: float  # summed next-token NLL of the unquantized model
+
+
+class Evaluator:
+    """Judges strategies on one model and one text, deterministically."""
+
+    def __init__(self, lm: LoadedModel, text: str, settings: EvalSettings = EvalSettings(), progress: bool = False) -> None:
+        self.lm = lm
+        self.settings = settings
+        self.progress = progress
+        seq_len = min(settings.seq_len, lm.context_length)
+        self.split: TokenSplit = split_windows(
+            tokenize(lm.tokenizer, text),
+            seq_len,
+            settings.search_fraction,
+            (settings.search_windows, settings.eval_windows),
+            settings.seed,
+        )
+        self.quantizer = Quantizer(lm, calibrate=self._calibrate)
+        self._references: dict[str, _Reference] = {}
+
+    def evaluate(self, strategy: Strategy, part: str = "search") -> Metrics:
+        """Quantize as `strategy` says, score it on `part` ("search" or "eval"), restore."""
+        windows = self.split.part(part)
+        reference = self._reference(part)
+        start = time.perf_counter()
+        with self.quantizer.applied(strategy, seed=self.settings.seed) as report:
+            kl_sum, nll_sum, agree = 0.0, 0.0, 0
+            for idx, logprobs in self._forward(windows, f"eval {part}"):
+                ref = reference.logprobs[idx].to(logprobs.device)
+                kl_sum += float((ref.exp() * (ref - logprobs)).sum())
+                nll_sum += _nll(logprobs, windows[idx].to(logprobs.device))
+                agree += int((logprobs.argmax(-1) == ref.argmax(-1)).sum())
+        seconds = time.perf_counter() - start
+        positions = windows.numel()
+        cost = report.cost
+        return Metrics(
+            part=part,
+            bpw=cost.bpw,
+            kl=kl_sum / positions,
+            ppl=_ppl(nll_sum, windows),
+            top1=agree / positions,
+            fp_ppl=_ppl(reference.nll, windows),
+            tokens=positions,
+            seconds=seconds,
+            embed_bpw=cost.embed.bpw,
+            head_bpw=cost.head.bpw,
+            total_bytes=cost.total_bytes,
+        )
+
+    def _reference(self, part: str) -> _Reference:
+        if part not in self._references:
+            windows = self.split.part(part)
+            vocab = self.lm.model.get_output_embeddings().weight.shape[0]
+            size = windows.numel() * vocab * 4
+            if size > REFERENCE_CACHE_LIMIT:
+                raise QoptError(
+                    f"the reference log-probs of {len(windows)} windows would take {size / 2**30:.1f} GiB; "
+                    "use fewer windows or a shorter seq_len"
+                )
+            self.quantizer.restore()
+            store = torch.empty(*windows.shape, vocab)
+            nll = 0.0
+            for idx, logprobs in self._forward(windows, f"reference {part}"):
+                store[idx] = logprobs.cpu()
+                nll += _nll(logprobs, windows[idx].to(logprobs.device))
+            self._references[part] = _Reference(store, nll)
+        return self._references[part]
+
+    def _forward(self, windows: torch.Tensor, label: str):
+        """Yield (window slice, log-probs [batch, seq_len, vocab] fp32) per batch."""
+        batch = self.settings.batch_size
+        starts = range(0, len(windows), batch)
+        with torch.inference_mode():
+            for start in tqdm(starts, desc=label, disable=not self.progress, leave=False):
+                idx = slice(start, start + batch)
+                logits = self.lm.model(input_ids=windows[idx].to(self.lm.device)).logits
+                yield idx, torch.log_softmax(logits.float(), dim=-1)
+
+    def _calibrate(self) -> ActivationStats:
+        windows = self.split.search[: self.settings.calib_windows]
+        return collect_activation_stats(self.lm, windows, self.settings.batch_size)
+
+
+def _nll(logprobs: torch.Tensor, ids: torch.Tensor) -> float:
+    """Summed next-token NLL: position t predicts token t+1."""
+    return float(-logprobs[:, :-1].gather(-1, ids[:, 1:, None]).sum())
+
+
+def _ppl(nll_sum: float, windows: torch.Tensor) -> float:
+    n = windows.shape[0] * (windows.shape[1] - 1)
+    mean = nll_sum / n
+    return math.exp(mean) if math.isfinite(mean) and mean < 700 else float("inf")

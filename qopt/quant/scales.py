@@ -1,0 +1,136 @@
+"""Scaling granularity and scale choice: weights -> blocks -> (scale, zero) -> grid.
+
+A weight matrix is cut into *blocks* that share one scale (and zero point):
+the whole tensor, one output row ("channel"), or `group_size` consecutive
+inputs of one row. Blocks are rows of a `[n_blocks, block_len]` tensor. A row
+whose length is not a multiple of the group size ends in a shorter group; it is
+padded with NaN, and NaN means "not quantized here" throughout this package
+(kept outliers are NaN too), so padding never moves a scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qopt.quant.formats import float_levels, grid_max, int_range
+from qopt.quant.rounding import round_to_int, round_to_levels
+from qopt.strategy import LayerConfig
+
+#: Shrink factors tried by the MSE clip search (1.0 = abs-max, no clipping).
+MSE_SHRINK_FACTORS = tuple(1.0 - 0.05 * i for i in range(11))
+# Scales are stored in fp16: keep them inside its positive range.
+_FP16_TINY = 2.0**-24
+_FP16_MAX = 65504.0
+
+
+def n_blocks(out_features: int, in_features: int, granularity: str, group_size: int | None) -> int:
+    """How many blocks (each with its own scale) a [out, in] matrix has."""
+    if granularity == "tensor":
+        return 1
+    if granularity == "channel":
+        return out_features
+    assert group_size is not None
+    return out_features * math.ceil(in_features / group_size)
+
+
+def to_blocks(w: torch.Tensor, granularity: str, group_size: int | None) -> torch.Tensor:
+    """[out, in] -> [n_blocks, block_len], NaN-padded where a last group is short."""
+    if granularity == "tensor":
+        return w.reshape(1, -1)
+    if granularity == "channel":
+        return w
+    assert group_size is not None
+    rows, cols = w.shape
+    pad = -cols % group_size
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad), value=float("nan"))
+    return w.reshape(rows * ((cols + pad) // group_size), group_size)
+
+
+def from_blocks(blocks: torch.Tensor, shape: torch.Size | tuple[int, int]) -> torch.Tensor:
+    """Inverse of `to_blocks` for a matrix of `shape` = (out, in)."""
+    rows, cols = shape
+    return blocks.reshape(rows, -1)[:, :cols]
+
+
+def quantize_blocks(blocks: torch.Tensor, config: LayerConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fake-quantize each block onto the config's grid; returns dequantized values.
+
+    `blocks` is [n_blocks, block_len] fp32, NaN where nothing is quantized (NaN
+    stays NaN). The scale rule (abs-max, MSE clip search, percentile clip)
+    picks one range per block; scales and zero points are rounded to fp16, as
+    they are stored.
+    """
+    if config.scale == "percentile":
+        assert config.clip_percentile is not None
+        lo, hi = _percentile_range(blocks, config.clip_percentile / 100.0)
+    else:
+        lo, hi = _absmax_range(blocks)
+        if config.scale == "mse":
+            shrink = _mse_shrink(blocks, lo, hi, config)
+            lo, hi = lo * shrink, hi * shrink
+    return _quantize_in_range(blocks, lo, hi, config, config.rounding == "stochastic", generator)
+
+
+def _absmax_range(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    nan = torch.isnan(blocks)
+    lo = blocks.masked_fill(nan, float("inf")).amin(dim=1, keepdim=True)
+    hi = blocks.masked_fill(nan, float("-inf")).amax(dim=1, keepdim=True)
+    empty = torch.isinf(lo)  # a block with nothing to quantize
+    return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+
+
+def _percentile_range(blocks: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Tensor]:
+    lo = torch.nanquantile(blocks, 1.0 - q, dim=1, keepdim=True)
+    hi = torch.nanquantile(blocks, q, dim=1, keepdim=True)
+    return torch.nan_to_num(lo), torch.nan_to_num(hi)
+
+
+def _quantize_in_range(
+    blocks: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    config: LayerConfig,
+    stochastic: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Quantize blocks whose representable range is [lo, hi] (both [n_blocks, 1])."""
+    lo = lo.clamp(max=0.0)  # keep 0 exactly representable, as GPTQ and torchao do
+    hi = hi.clamp(min=0.0)
+    if config.format == "int":
+        qmin, qmax = int_range(config.bits, config.symmetric)
+        if config.symmetric:
+            scale = _stored(torch.maximum(-lo, hi) / ((qmax - qmin) / 2))
+            q = round_to_int(blocks / scale, qmin, qmax, stochastic, generator)
+            out = q * scale
+        else:
+            scale = _stored((hi - lo) / (qmax - qmin))
+            zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+            q = round_to_int(blocks / scale + zero, qmin, qmax, stochastic, generator)
+            out = (q - zero) * scale
+    else:
+        levels = float_levels(config.format, config.bits).to(blocks.device)
+        scale = _stored(torch.maximum(-lo, hi) / grid_max(config.format, config.bits))
+        out = round_to_levels(blocks / scale, levels, stochastic, generator) * scale
+    return torch.where(torch.isnan(blocks), blocks, out)
+
+
+def _mse_shrink(blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, config: LayerConfig) -> torch.Tensor:
+    """Per block, the factor shrinking [lo, hi] that gives the least squared error."""
+    valid = ~torch.isnan(blocks)
+    best_err = torch.full((blocks.shape[0], 1), float("inf"), device=blocks.device)
+    best = torch.ones_like(best_err)
+    for factor in MSE_SHRINK_FACTORS:
+        hat = _quantize_in_range(blocks, lo * factor, hi * factor, config, False, None)
+        err = ((hat - blocks) ** 2).masked_fill(~valid, 0.0).sum(dim=1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, factor), best)
+    return best
+
+
+def _stored(scale: torch.Tensor) -> torch.Tensor:
+    """A scale as it is stored: positive and rounded to fp16."""
+    return scale.clamp(_FP16_TINY, _FP16_MAX).to(torch.float16).to(scale.dtype)

@@ -1,0 +1,137 @@
+"""Apply a Strategy to a loaded model in place, and undo it.
+
+Weights are fake-quantized (quantized and dequantized back to fp32) so the
+model runs unchanged code; activation quantization and low-precision
+accumulation replace the forward of the affected modules. The pristine weights
+are kept, so the next strategy starts clean without reloading the model.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qopt.bits import ModelCost, model_cost
+from qopt.calibration import ActivationStats
+from qopt.errors import QoptError
+from qopt.model import LoadedModel, QuantUnit
+from qopt.quant import InputTransform, fake_quantize_activations, fake_quantize_weight, input_transform, lowprec_linear
+from qopt.strategy import LayerConfig, Strategy
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """What applying a strategy did: the per-module plan, its cost, and the time (s)."""
+
+    plan: dict[str, LayerConfig]
+    cost: ModelCost
+    seconds: float
+
+
+class Quantizer:
+    """Puts strategies on one model, one at a time.
+
+    `calibrate` is called (once, lazily) when a strategy needs activation
+    statistics, i.e. uses smoothing.
+    """
+
+    def __init__(self, lm: LoadedModel, calibrate: Callable[[], ActivationStats] | None = None) -> None:
+        self.lm = lm
+        self._calibrate = calibrate
+        self._stats: ActivationStats | None = None
+        self._pristine: dict[str, torch.Tensor] = {}
+        self._patched: list[QuantUnit] = []
+
+    def plan(self, strategy: Strategy) -> dict[str, LayerConfig]:
+        """Validate `strategy` against this model; module name -> config."""
+        return strategy.resolve(self.lm.units)
+
+    def cost(self, strategy: Strategy) -> ModelCost:
+        """True storage cost of `strategy` on this model, without applying it."""
+        return model_cost(self.lm.units, self.plan(strategy), self.lm.other_params)
+
+    def apply(self, strategy: Strategy, seed: int = 0) -> QuantReport:
+        """Quantize the model as `strategy` says (starting from pristine weights)."""
+        start = time.perf_counter()
+        plan = self.plan(strategy)
+        self.restore()
+        smooths = any(c.outliers == "smooth" for c in plan.values() if c.quantizes_weights or c.quantizes_activations)
+        stats = self._activation_stats() if smooths else None
+        with torch.inference_mode():
+            for unit in self.lm.units:
+                self._apply_unit(unit, plan[unit.name], stats, seed)
+        cost = model_cost(self.lm.units, plan, self.lm.other_params)
+        return QuantReport(plan=plan, cost=cost, seconds=time.perf_counter() - start)
+
+    def restore(self) -> None:
+        """Put back every pristine weight and original forward."""
+        with torch.inference_mode():
+            for name, w in self._pristine.items():
+                self.lm.unit(name).write_weight(w)
+        self._pristine.clear()
+        for unit in self._patched:
+            del unit.module.forward
+        self._patched.clear()
+
+    @contextmanager
+    def applied(self, strategy: Strategy, seed: int = 0) -> Iterator[QuantReport]:
+        """`with quantizer.applied(s) as report:` the model is quantized inside."""
+        report = self.apply(strategy, seed)
+        try:
+            yield report
+        finally:
+            self.restore()
+
+    def _activation_stats(self) -> ActivationStats:
+        if self._stats is None:
+            if self._calibrate is None:
+                raise QoptError("this strategy uses smoothing, which needs calibration data; none was given")
+            self.restore()
+            self._stats = self._calibrate()
+        return self._stats
+
+    def _apply_unit(self, unit: QuantUnit, config: LayerConfig, stats: ActivationStats | None, seed: int) -> None:
+        needs_forward = config.quantizes_activations or config.accumulation != "fp32"
+        if not config.quantizes_weights and not needs_forward:
+            return
+        w = unit.read_weight().float()
+        act_absmax = stats.absmax.get(unit.name) if stats is not None else None
+        transform = input_transform(config, w, act_absmax)
+        if config.quantizes_weights:
+            generator = None
+            if config.rounding == "stochastic":
+                generator = torch.Generator(device=w.device).manual_seed(seed * 1_000_003 + zlib.crc32(unit.name.encode()))
+            self._pristine[unit.name] = w.clone()
+            w = fake_quantize_weight(w, config, transform, generator)
+            unit.write_weight(w)
+        if needs_forward:
+            unit.module.forward = types.MethodType(_emulated_forward(w, config, transform), unit.module)
+            self._patched.append(unit)
+
+
+def _emulated_forward(w: torch.Tensor, config: LayerConfig, transform: InputTransform | None):
+    """A forward computing in the transformed basis with quantized activations
+    and/or low-precision accumulation. `w` is the (fake-quantized) [out, in] weight."""
+    if transform is not None and config.quantizes_activations:
+        w = transform.weight_forward(w)
+    else:
+        transform = None  # without activation quantization the transform cancels out
+
+    def forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if transform is not None:
+            x = transform.input_forward(x)
+        if config.quantizes_activations:
+            assert config.act_bits is not None
+            x = fake_quantize_activations(x, config.act_format, config.act_bits)
+        if config.accumulation != "fp32":
+            return lowprec_linear(x, w, module.bias, config.accumulation)
+        return F.linear(x, w, module.bias)
+
+    return forward
