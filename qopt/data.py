@@ -32,7 +32,9 @@ def load_text(source: str) -> str:
         return _load_hub_text(source)
     path = Path(source).expanduser()
     if not path.is_file():
-        raise QoptError(f"data file {source} does not exist (give a text file, a JSON list of strings, or hf:NAME[:CONFIG[:SPLIT]])")
+        raise QoptError(
+            f"data file {source} does not exist (give a text file, a JSON list of strings, or hf:NAME[:CONFIG[:SPLIT]])"
+        )
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:

@@ -75,23 +75,33 @@ class _Reference:
 class Evaluator:
     """Judges strategies on one model and one text, deterministically."""
 
-    def __init__(self, lm: LoadedModel, text: str, settings: EvalSettings = EvalSettings(), progress: bool = False) -> None:
+    def __init__(
+        self, lm: LoadedModel, split: TokenSplit, settings: EvalSettings = EvalSettings(), progress: bool = False
+    ) -> None:
         self.lm = lm
+        self.split = split
         self.settings = settings
         self.progress = progress
-        seq_len = min(settings.seq_len, lm.context_length)
-        self.split: TokenSplit = split_windows(
+        self.quantizer = Quantizer(lm, calibrate=self._calibrate)
+        self._references: dict[str, _Reference] = {}
+
+    @classmethod
+    def from_text(
+        cls, lm: LoadedModel, text: str, settings: EvalSettings = EvalSettings(), progress: bool = False
+    ) -> Evaluator:
+        """Tokenize `text` once with the model's tokenizer and split it as `settings` say."""
+        split = split_windows(
             tokenize(lm.tokenizer, text),
-            seq_len,
+            min(settings.seq_len, lm.context_length),
             settings.search_fraction,
             (settings.search_windows, settings.eval_windows),
             settings.seed,
         )
-        self.quantizer = Quantizer(lm, calibrate=self._calibrate)
-        self._references: dict[str, _Reference] = {}
+        return cls(lm, split, settings, progress)
 
     def evaluate(self, strategy: Strategy, part: str = "search") -> Metrics:
         """Quantize as `strategy` says, score it on `part` ("search" or "eval"), restore."""
+        self.quantizer.plan(strategy)  # reject a bad strategy before any forward pass
         windows = self.split.part(part)
         reference = self._reference(part)
         start = time.perf_counter()

@@ -107,7 +107,9 @@ class Quantizer:
         if config.quantizes_weights:
             generator = None
             if config.rounding == "stochastic":
-                generator = torch.Generator(device=w.device).manual_seed(seed * 1_000_003 + zlib.crc32(unit.name.encode()))
+                generator = torch.Generator(device=w.device).manual_seed(
+                    seed * 1_000_003 + zlib.crc32(unit.name.encode())
+                )
             self._pristine[unit.name] = w.clone()
             w = fake_quantize_weight(w, config, transform, generator)
             unit.write_weight(w)

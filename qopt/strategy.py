@@ -54,6 +54,7 @@ ROUNDINGS = ("nearest", "stochastic")
 #: Roles that stay 16-bit unless a strategy names them explicitly.
 EDGE_ROLES = ("embed", "lm_head")
 
+
 class _Conditional(NamedTuple):
     """A gene that exists only when `exists(genes)`; `default` when it appears."""
 
@@ -83,8 +84,6 @@ def _check_range(name: str, value: Any, bounds: tuple[float, float], integer: bo
     if isinstance(value, bool) or not ok_type or not bounds[0] <= value <= bounds[1]:
         kind = "an integer" if integer else "a number"
         raise QoptError(f"{name}: {value!r} is not {kind} in [{bounds[0]}, {bounds[1]}]")
-
-
 
 
 @dataclass(frozen=True)
@@ -261,7 +260,9 @@ class Strategy:
         roles = {u.role for u in units}
         for role in self.roles:
             if role not in roles:
-                raise QoptError(f"roles.{role}: the model has no layer of that role (roles: {', '.join(sorted(roles))})")
+                raise QoptError(
+                    f"roles.{role}: the model has no layer of that role (roles: {', '.join(sorted(roles))})"
+                )
         plan = {}
         for unit in units:
             config = self.config_for(unit.name, unit.role)
@@ -278,7 +279,9 @@ class Strategy:
                     f"{where}: {unit.name} is an embedding lookup; act_format and accumulation do not apply to it"
                 )
             if unit.is_embedding and config.outliers in ("smooth", "rotate") and config.quantizes_weights:
-                raise QoptError(f"{where}.outliers: {config.outliers} needs a matmul input; {unit.name} is an embedding")
+                raise QoptError(
+                    f"{where}.outliers: {config.outliers} needs a matmul input; {unit.name} is an embedding"
+                )
             plan[unit.name] = config
         return plan
 
@@ -302,7 +305,8 @@ class Strategy:
             raise QoptError(f"a strategy must be a mapping with a 'default' entry, got {type(data).__name__}")
         unknown = set(data) - {"name", "default", "roles", "layers"}
         if unknown:
-            raise QoptError(f"unknown strategy key(s) {', '.join(sorted(map(str, unknown)))} (allowed: name, default, roles, layers)")
+            names = ", ".join(sorted(map(str, unknown)))
+            raise QoptError(f"unknown strategy key(s) {names} (allowed: name, default, roles, layers)")
         default = LayerConfig.from_dict(data.get("default", {}), where="default")
 
         def entries(key: str) -> dict[str, LayerConfig]:
@@ -341,7 +345,9 @@ class Strategy:
         try:
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise QoptError(f"strategy file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {_one_line(exc)}") from exc
+            raise QoptError(
+                f"strategy file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {_one_line(exc)}"
+            ) from exc
         try:
             return cls.from_dict(data)
         except QoptError as exc:
@@ -396,4 +402,7 @@ def _build_config(start: dict[str, Any], changes: Mapping[str, Any], where: str)
 
 
 def _one_line(exc: Exception) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:  # a YAML error: say where, then what
+        return f"line {mark.line + 1}, column {mark.column + 1}: {getattr(exc, 'problem', '') or exc}"
     return " ".join(str(exc).split())

@@ -8,7 +8,7 @@ in units of the scale. Each grid's largest magnitude is what abs-max maps to.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -28,7 +28,7 @@ def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-@lru_cache(maxsize=None)
+@cache
 def float_levels(format: str, bits: int) -> torch.Tensor:
     """All representable values of a non-uniform grid, sorted ascending (fp32)."""
     if format == "nf4" and bits == 4:

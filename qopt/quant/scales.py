@@ -6,6 +6,11 @@ inputs of one row. Blocks are rows of a `[n_blocks, block_len]` tensor. A row
 whose length is not a multiple of the group size ends in a shorter group; it is
 padded with NaN, and NaN means "not quantized here" throughout this package
 (kept outliers are NaN too), so padding never moves a scale.
+
+The integer conventions follow torchao's `choose_qparams_affine` and GPTQ
+(signed symmetric codes, zero kept exactly representable). torchao itself is
+not used: its block sizes must divide the row (172 = 2 x 64 + 44 does not),
+and it has no clip search or stochastic rounding.
 """
 
 from __future__ import annotations
@@ -55,7 +60,9 @@ def from_blocks(blocks: torch.Tensor, shape: torch.Size | tuple[int, int]) -> to
     return blocks.reshape(rows, -1)[:, :cols]
 
 
-def quantize_blocks(blocks: torch.Tensor, config: LayerConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+def quantize_blocks(
+    blocks: torch.Tensor, config: LayerConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Fake-quantize each block onto the config's grid; returns dequantized values.
 
     `blocks` is [n_blocks, block_len] fp32, NaN where nothing is quantized (NaN

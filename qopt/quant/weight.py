@@ -9,7 +9,9 @@ from qopt.quant.scales import from_blocks, quantize_blocks, to_blocks
 from qopt.strategy import LayerConfig
 
 
-def input_transform(config: LayerConfig, w: torch.Tensor, act_absmax: torch.Tensor | None = None) -> InputTransform | None:
+def input_transform(
+    config: LayerConfig, w: torch.Tensor, act_absmax: torch.Tensor | None = None
+) -> InputTransform | None:
     """The smoothing or rotation of the input dimension a config asks for, if any.
 
     `w` is the pristine [out, in] weight; smoothing also needs `act_absmax`

@@ -1,0 +1,3 @@
+from qopt.cli import main
+
+main()

@@ -1,0 +1,156 @@
+"""The `qopt` command line: thin wrappers that parse options and call the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+from qopt.errors import QoptError
+from qopt.strategy import FORMAT_BITS, GRANULARITIES, SCALE_RULES, WEIGHT_FORMATS, Strategy, uniform
+
+app = typer.Typer(
+    help="Search for quantization strategies of causal LMs, and measure them in true bits per weight.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals can hold database URLs with passwords
+)
+strategy_app = typer.Typer(help="Write, check and inspect strategy files.", no_args_is_help=True)
+app.add_typer(strategy_app, name="strategy")
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hugging Face hub name or local model directory.")]
+DataOpt = Annotated[
+    str, typer.Option("--data", "-d", help="Text file, JSON list of strings, or hf:NAME[:CONFIG[:SPLIT]].")
+]
+DeviceOpt = Annotated[str | None, typer.Option(help="torch device; default: cuda when available, else cpu.")]
+
+
+@strategy_app.command("preset")
+def strategy_preset(
+    preset: Annotated[str, typer.Argument(help="uniform (one config on every block layer) or fp16 (unquantized).")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here (.yaml or .json); default: stdout.")
+    ] = None,
+    bits: Annotated[int, typer.Option(help="Weight bits: 2, 3, 4, 5, 6 or 8.")] = 4,
+    group: Annotated[int, typer.Option(help="Group size (16-256), with --granularity group.")] = 128,
+    granularity: Annotated[str, typer.Option(help=f"One of {', '.join(GRANULARITIES)}.")] = "group",
+    sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid (no zero point).")] = False,
+    format: Annotated[str, typer.Option("--format", help=f"Weight format: {', '.join(WEIGHT_FORMATS)}.")] = "int",
+    scale: Annotated[str, typer.Option(help=f"Scale choice: {', '.join(SCALE_RULES)}.")] = "absmax",
+) -> None:
+    """Write a ready-made strategy: `uniform` (e.g. 4-bit, group 128) or `fp16`."""
+    if preset == "fp16":
+        strategy = Strategy(name="fp16")
+    elif preset == "uniform":
+        if bits not in FORMAT_BITS.get(format, ()) or bits == 16:
+            raise QoptError(f"--bits {bits} is not available for --format {format}")
+        strategy = uniform(bits, format=format, granularity=granularity, group_size=group, symmetric=sym, scale=scale)
+    else:
+        raise QoptError(f"unknown preset {preset!r} (presets: uniform, fp16)")
+    if output is None:
+        typer.echo(yaml.safe_dump(strategy.to_dict(), sort_keys=False), nl=False)
+    else:
+        strategy.save(output)
+        typer.echo(f"wrote {output} ({strategy.name})")
+
+
+@strategy_app.command("show")
+def strategy_show(
+    path: Annotated[Path, typer.Argument(help="Strategy file (.yaml or .json).")],
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Check against this model and show per-layer bits.")
+    ] = None,
+) -> None:
+    """Validate a strategy file; with --model, list every layer's config and true bits."""
+    strategy = Strategy.load(path)
+    if model is None:
+        typer.echo(yaml.safe_dump(strategy.to_dict(), sort_keys=False), nl=False)
+        return
+    from qopt.bits import layer_cost
+    from qopt.model import load_model
+    from qopt.quantizer import Quantizer
+
+    lm = load_model(model, device="cpu")
+    quantizer = Quantizer(lm)
+    plan = quantizer.plan(strategy)
+    width = max(len(u.name) for u in lm.units)
+    for unit in lm.units:
+        config = plan[unit.name]
+        cost = layer_cost(unit.out_features, unit.in_features, config)
+        shape = f"{unit.out_features}x{unit.in_features}"
+        typer.echo(f"{unit.name:<{width}}  {unit.role:<7} {shape:>10}  {cost.bpw:6.3f} bpw  {config.describe()}")
+    total = quantizer.cost(strategy)
+    typer.echo(
+        f"blocks {total.bpw:.3f} bpw, embed {total.embed.bpw:.3f} bpw, head {_head_label(total.head.bpw)}, "
+        f"{total.total_bytes / 2**20:.2f} MiB in all"
+    )
+
+
+def _head_label(head_bpw: float) -> str:
+    return f"{head_bpw:.3f} bpw" if head_bpw else "tied to embed"
+
+
+@app.command("eval")
+def eval_command(
+    model: ModelOpt,
+    strategy: Annotated[Path, typer.Option("--strategy", "-s", help="Strategy file (.yaml or .json).")],
+    data: DataOpt,
+    part: Annotated[str, typer.Option(help="search (what the search optimises on) or eval (held out).")] = "eval",
+    windows: Annotated[
+        int | None, typer.Option(help="Windows of that part to use (default: 16 search, 64 eval).")
+    ] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window (capped by the model's context).")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed for window sampling and stochastic rounding.")] = 0,
+    device: DeviceOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+) -> None:
+    """Quantize MODEL as a strategy says and measure KL, perplexity, top-1 and true bpw."""
+    from qopt.data import PARTS, load_text
+    from qopt.evaluate import EvalSettings, Evaluator
+    from qopt.model import load_model
+
+    if part not in PARTS:
+        raise QoptError(f"--part must be one of {', '.join(PARTS)}, got {part!r}")
+    parsed = Strategy.load(strategy)
+    text = load_text(data)
+    lm = load_model(model, device=device)
+    settings = EvalSettings(seq_len=seq_len, batch_size=batch_size, seed=seed)
+    if windows is not None:
+        key = "search_windows" if part == "search" else "eval_windows"
+        settings = EvalSettings(**{**settings.__dict__, key: windows})
+    evaluator = Evaluator.from_text(lm, text, settings, progress=True)
+    metrics = evaluator.evaluate(parsed, part)
+    if as_json:
+        typer.echo(json.dumps(metrics.to_dict()))
+        return
+    n_windows = len(evaluator.split.part(part))
+    rows = [
+        ("model", model),
+        ("strategy", f"{strategy} ({parsed.name or 'unnamed'})"),
+        ("part", f"{part}: {n_windows} windows x {metrics.tokens // n_windows} tokens = {metrics.tokens} tokens"),
+        ("bpw", f"{metrics.bpw:.3f} (block linear layers)"),
+        ("edges", f"embed {metrics.embed_bpw:.3f} bpw, head {_head_label(metrics.head_bpw)}"),
+        ("size", f"{metrics.total_bytes / 2**20:.3f} MiB"),
+        ("KL", f"{metrics.kl:.5f} nats/token"),
+        (
+            "perplexity",
+            f"{metrics.ppl:.3f} (unquantized {metrics.fp_ppl:.3f}, {metrics.ppl / metrics.fp_ppl - 1:+.2%})",
+        ),
+        ("top-1", f"{metrics.top1:.2%} agreement"),
+        ("time", f"{metrics.seconds:.2f} s on {lm.device}"),
+    ]
+    for label, value in rows:
+        typer.echo(f"{label:<11}{value}")
+
+
+def main() -> None:
+    """Entry point: user errors print one line and exit 2; bugs keep their traceback."""
+    try:
+        app()
+    except QoptError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,82 @@
+"""The Evaluator on tiny models, and the data split."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qopt.data import load_text, split_windows
+from qopt.errors import QoptError
+from qopt.evaluate import EvalSettings, Evaluator
+from qopt.strategy import Strategy, uniform
+from tests.conftest import random_split, tiny_model
+
+
+@pytest.fixture
+def evaluator():
+    return Evaluator(tiny_model("llama"), random_split(), EvalSettings(batch_size=3))
+
+
+def test_unquantized_strategy_scores_zero_kl(evaluator):
+    m = evaluator.evaluate(Strategy(), "eval")
+    assert m.kl == 0.0 and m.top1 == 1.0 and m.ppl == m.fp_ppl
+    assert m.tokens == 4 * 32 and m.bpw == 16.0
+
+
+def test_quantization_raises_kl_and_is_deterministic(evaluator):
+    m3 = evaluator.evaluate(uniform(3, group_size=32), "search")
+    m8 = evaluator.evaluate(uniform(8, group_size=32), "search")
+    assert 0 < m8.kl < m3.kl and m3.top1 < 1.0
+    again = evaluator.evaluate(uniform(3, group_size=32), "search")
+    assert (again.kl, again.ppl, again.top1) == (m3.kl, m3.ppl, m3.top1)
+
+
+def test_ppl_matches_a_direct_computation(evaluator):
+    lm, windows = evaluator.lm, evaluator.split.eval
+    with torch.inference_mode():
+        loss = lm.model(input_ids=windows, labels=windows).loss  # mean next-token NLL
+    m = evaluator.evaluate(Strategy(), "eval")
+    assert m.fp_ppl == pytest.approx(math.exp(float(loss)), rel=1e-5)
+
+
+def test_evaluation_leaves_the_model_unquantized(evaluator):
+    ids = evaluator.split.eval
+    with torch.inference_mode():
+        before = evaluator.lm.model(input_ids=ids).logits
+        evaluator.evaluate(uniform(2, group_size=32, act_format="int"), "eval")
+        assert torch.equal(evaluator.lm.model(input_ids=ids).logits, before)
+
+
+def test_bad_strategy_is_rejected_before_any_work(evaluator):
+    with pytest.raises(QoptError, match="group_size"):
+        evaluator.evaluate(uniform(4, group_size=128), "eval")
+    assert not evaluator._references
+
+
+def test_split_is_disjoint_contiguous_and_seeded():
+    ids = torch.arange(10_000)
+    split = split_windows(ids, seq_len=100, search_fraction=0.3, max_windows=(5, 7), seed=3)
+    assert split.search.shape == (5, 100) and split.eval.shape == (7, 100)
+    assert split.search.max() < 3000 <= split.eval.min()
+    again = split_windows(ids, seq_len=100, search_fraction=0.3, max_windows=(5, 7), seed=3)
+    assert torch.equal(split.eval, again.eval)
+    other = split_windows(ids, seq_len=100, search_fraction=0.3, max_windows=(5, 7), seed=4)
+    assert not torch.equal(split.eval, other.eval)
+    with pytest.raises(QoptError, match="too short"):
+        split_windows(torch.arange(50), seq_len=100)
+
+
+def test_text_sources(tmp_path):
+    rows = tmp_path / "rows.json"
+    rows.write_text('["a", "", "b"]')
+    assert load_text(str(rows)) == "a\n\n\n\nb"
+    with pytest.raises(QoptError, match="does not exist"):
+        load_text(str(tmp_path / "none.txt"))
+    (tmp_path / "bad.json").write_text('{"x": 1}')
+    with pytest.raises(QoptError, match="list of strings"):
+        load_text(str(tmp_path / "bad.json"))
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(QoptError, match="empty"):
+        load_text(str(tmp_path / "empty.txt"))
