@@ -20,12 +20,24 @@ app = typer.Typer(
 )
 strategy_app = typer.Typer(help="Write, check and inspect strategy files.", no_args_is_help=True)
 app.add_typer(strategy_app, name="strategy")
+study_app = typer.Typer(help="Create, run and read NSGA-II searches stored in an Optuna storage.", no_args_is_help=True)
+app.add_typer(study_app, name="study")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hugging Face hub name or local model directory.")]
 DataOpt = Annotated[
     str, typer.Option("--data", "-d", help="Text file, JSON list of strings, or hf:NAME[:CONFIG[:SPLIT]].")
 ]
 DeviceOpt = Annotated[str | None, typer.Option(help="torch device; default: cuda when available, else cpu.")]
+StorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        help="SQLAlchemy URL of the Optuna storage; default: $QOPT_STORAGE, else sqlite:///runs/qopt.db.",
+        show_default=False,
+    ),
+]
+NameArg = Annotated[str, typer.Argument(help="Study name.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 @strategy_app.command("preset")
@@ -106,7 +118,7 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed for window sampling and stochastic rounding.")] = 0,
     device: DeviceOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Quantize MODEL as a strategy says and measure KL, perplexity, top-1 and true bpw."""
     from qopt.data import PARTS, load_text
@@ -145,6 +157,129 @@ def eval_command(
     ]
     for label, value in rows:
         typer.echo(f"{label:<11}{value}")
+
+
+@study_app.command("create")
+def study_create(
+    name: NameArg,
+    config: Annotated[Path, typer.Option("--config", "-c", help="Study YAML (see studies/).")],
+    storage: StorageOpt = None,
+) -> None:
+    """Create a study from a config (idempotent) and enqueue its baselines as the first trials."""
+    from qopt import study
+
+    created = study.create(name, study.StudyConfig.load(config), storage)
+    typer.echo(
+        f"study {name!r} ready in {study.redacted_url(study.storage_url(storage))}: {len(created.trials)} trials"
+    )
+
+
+@study_app.command("launch")
+def study_launch(
+    name: NameArg,
+    n_trials: Annotated[int | None, typer.Option(help="Trials to run in this launch (added to those done).")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Stop starting trials after this many seconds.")] = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Run NSGA-II trials; resumes where earlier launches stopped. Ctrl-C stops cleanly."""
+    from qopt import study
+
+    if n_trials is None and timeout is None:
+        raise QoptError("give --n-trials or --timeout (or both)")
+    try:
+        done = study.launch(name, n_trials, timeout, storage)
+    except KeyboardInterrupt:
+        info = study.status(name, storage)
+        typer.echo(
+            f"interrupted: the study has {info['complete']} completed trials; the running one was marked "
+            f"failed. Launch again to continue.",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+    info = study.status(name, storage)
+    typer.echo(f"{done} trials completed in this launch; {info['complete']} in all, {info['front']} on the front")
+
+
+@study_app.command("status")
+def study_status(name: NameArg, storage: StorageOpt = None, as_json: JsonOpt = False) -> None:
+    """Trial counts by state, front size, generation and mean trial time."""
+    from qopt import study
+
+    info = study.status(name, storage)
+    if as_json:
+        typer.echo(json.dumps(info))
+        return
+    for key, value in info.items():
+        typer.echo(f"{key:<20}{value}")
+
+
+@study_app.command("front")
+def study_front(name: NameArg, storage: StorageOpt = None, as_json: JsonOpt = False) -> None:
+    """The Pareto front (and baselines), with metrics on the held-out evaluation part."""
+    from qopt import study
+
+    members = study.front(name, storage)
+    if as_json:
+        typer.echo(json.dumps([m.__dict__ for m in members]))
+        return
+    typer.echo(f"{'trial':>6} {'bpw':>7} {'search KL':>10} {'eval KL':>9} {'eval ppl':>9} {'eval top1':>9}  baseline")
+    for m in members:
+        typer.echo(
+            f"{m.trial:>6} {m.bpw:>7.3f} {m.search_kl:>10.4f} {m.eval_kl:>9.4f} {m.eval_ppl:>9.3f} "
+            f"{m.eval_top1:>9.1%}  {m.baseline or ''}"
+        )
+
+
+@study_app.command("best")
+def study_best(
+    name: NameArg,
+    max_bpw: Annotated[float, typer.Option(help="Largest acceptable true bits per weight.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Strategy file to write (.yaml or .json).")],
+    storage: StorageOpt = None,
+) -> None:
+    """Export the best strategy (search-part quality) at or under a bit budget."""
+    from qopt import study
+
+    trial, strategy = study.best(name, max_bpw, storage)
+    strategy.save(output)
+    typer.echo(f"wrote {output}: trial {trial.number}, {trial.user_attrs['bpw']:.3f} bpw, search {trial.values[0]:.4f}")
+
+
+@study_app.command("plot")
+def study_plot(
+    name: NameArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="HTML file to write.")] = Path("front.html"),
+    storage: StorageOpt = None,
+    held_out: Annotated[bool, typer.Option(help="Also evaluate the front on the evaluation part.")] = True,
+) -> None:
+    """A self-contained plotly HTML of the front, all trials, baselines, budget and fp16 reference."""
+    from qopt import study
+    from qopt.report import front_figure
+
+    members = study.front(name, storage) if held_out else []
+    optuna_study, config = study.load(name, storage)
+    try:
+        front_figure(optuna_study, config, members).write_html(output, include_plotlyjs=True)
+    except OSError as exc:
+        raise QoptError(f"cannot write {output}: {exc.strerror}") from exc
+    typer.echo(f"wrote {output}")
+
+
+@app.command("dashboard")
+def dashboard(
+    storage: StorageOpt = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+) -> None:
+    """Serve optuna-dashboard on the study storage."""
+    from qopt import study
+
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        raise QoptError("optuna-dashboard is not installed: pip install 'qopt[dashboard]'") from None
+    typer.echo(f"optuna-dashboard on http://{host}:{port} (Ctrl-C to stop)")
+    run_server(study.open_storage(storage), host=host, port=port)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from qopt.errors import QoptError
+from qopt.errors import QoptError, first_line
 
 PARTS = ("search", "eval")
 
@@ -56,7 +56,7 @@ def _load_hub_text(source: str) -> str:
     try:
         rows = datasets.load_dataset(name, config or None, split=split or "test")["text"]
     except Exception as exc:  # datasets raises many types for "not reachable / not found"
-        raise QoptError(f"could not load data set {source!r}: {str(exc).splitlines()[0]}") from exc
+        raise QoptError(f"could not load data set {source!r}: {first_line(exc)}") from exc
     return "\n\n".join(rows)
 
 

@@ -7,3 +7,9 @@ class QoptError(ValueError):
     The CLI prints its message as a single line and exits non-zero; anything
     else that escapes is a bug and keeps its traceback.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -66,6 +66,10 @@ class Metrics:
         return asdict(self)
 
 
+class Collapsed(Exception):
+    """A strategy's outputs collapsed: non-finite, or KL above the cap on the first batch."""
+
+
 @dataclass(frozen=True)
 class _Reference:
     logprobs: torch.Tensor  # [n_windows, seq_len, vocab], fp32
@@ -99,8 +103,13 @@ class Evaluator:
         )
         return cls(lm, split, settings, progress)
 
-    def evaluate(self, strategy: Strategy, part: str = "search") -> Metrics:
-        """Quantize as `strategy` says, score it on `part` ("search" or "eval"), restore."""
+    def evaluate(self, strategy: Strategy, part: str = "search", collapse_kl: float | None = None) -> Metrics:
+        """Quantize as `strategy` says, score it on `part` ("search" or "eval"), restore.
+
+        With `collapse_kl`, raise `Collapsed` right after the first batch if its
+        KL (nats/token) is not finite or exceeds the cap, so hopeless strategies
+        cost one batch instead of the whole part.
+        """
         self.quantizer.plan(strategy)  # reject a bad strategy before any forward pass
         windows = self.split.part(part)
         reference = self._reference(part)
@@ -112,6 +121,12 @@ class Evaluator:
                 kl_sum += float((ref.exp() * (ref - logprobs)).sum())
                 nll_sum += _nll(logprobs, windows[idx].to(logprobs.device))
                 agree += int((logprobs.argmax(-1) == ref.argmax(-1)).sum())
+                if collapse_kl is not None and idx.start == 0:
+                    first_kl = kl_sum / windows[idx].numel()
+                    if not math.isfinite(first_kl) or first_kl > collapse_kl:
+                        raise Collapsed(
+                            f"KL {first_kl:.3g} nats/token on the first batch exceeds the cap {collapse_kl}"
+                        )
         seconds = time.perf_counter() - start
         positions = windows.numel()
         cost = report.cost
@@ -149,12 +164,17 @@ class Evaluator:
         return self._references[part]
 
     def _forward(self, windows: torch.Tensor, label: str):
-        """Yield (window slice, log-probs [batch, seq_len, vocab] fp32) per batch."""
+        """Yield (window slice, log-probs [batch, seq_len, vocab] fp32) per batch.
+
+        The first batch is a quarter-size probe, so a collapse check costs
+        little. Every pass (reference included) batches the same way, so an
+        unquantized strategy reproduces the reference bit for bit.
+        """
         batch = self.settings.batch_size
-        starts = range(0, len(windows), batch)
+        head = max(1, batch // 4)
+        slices = [slice(0, head)] + [slice(s, s + batch) for s in range(head, len(windows), batch)]
         with torch.inference_mode():
-            for start in tqdm(starts, desc=label, disable=not self.progress, leave=False):
-                idx = slice(start, start + batch)
+            for idx in tqdm(slices, desc=label, disable=not self.progress, leave=False):
                 logits = self.lm.model(input_ids=windows[idx].to(self.lm.device)).logits
                 yield idx, torch.log_softmax(logits.float(), dim=-1)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from qopt.errors import QoptError
+from qopt.errors import QoptError, first_line
 
 # Leaf module name -> role, where the name alone decides it.
 _ROLE_BY_NAME = {
@@ -127,9 +127,7 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
-    if looks_local and not Path(name_or_path).expanduser().is_dir():
-        raise QoptError(f"model path {name_or_path} does not exist (give a local model directory or a hub name)")
+    _check_local_path(name_or_path)
     target = pick_device(device)
     # transformers logs at warning level for routine things (unused weights, long inputs).
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -137,10 +135,26 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QoptError(f"could not load model {name_or_path!r}: {first}") from exc
+        raise QoptError(f"could not load model {name_or_path!r}: {first_line(exc)}") from exc
     model.to(target).eval()
     return wrap_model(model, tokenizer, name_or_path)
+
+
+def load_skeleton(name_or_path: str) -> LoadedModel:
+    """The model's modules and shapes without its weights (on the meta device).
+
+    Enough to build a search space, resolve a strategy or count its bits.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _check_local_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise QoptError(f"could not load model config {name_or_path!r}: {first_line(exc)}") from exc
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return wrap_model(model, tokenizer=None, name=name_or_path)
 
 
 def wrap_model(model: nn.Module, tokenizer: object, name: str) -> LoadedModel:
@@ -172,6 +186,12 @@ def find_units(model: nn.Module) -> list[QuantUnit]:
             inp, out = module.weight.shape
             units.append(QuantUnit(name, _role(name), module, out, inp, transposed=True))
     return units
+
+
+def _check_local_path(name_or_path: str) -> None:
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        raise QoptError(f"model path {name_or_path} does not exist (give a local model directory or a hub name)")
 
 
 def _role(name: str) -> str:

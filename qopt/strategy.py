@@ -378,6 +378,16 @@ def uniform(
     return Strategy(default=config, name=name or f"uniform {config.describe()}")
 
 
+def drop_inactive_genes(genes: Mapping[str, Any]) -> dict[str, Any]:
+    """`genes` without the conditional genes whose condition does not hold.
+
+    Operators use it to turn an edited gene set into one `LayerConfig` accepts
+    (e.g. `smooth_alpha` after outliers changed from smooth to none).
+    """
+    full = {**dataclasses.asdict(FP16), **genes}
+    return {k: v for k, v in genes.items() if k not in _CONDITIONAL_GENES or _CONDITIONAL_GENES[k].exists(full)}
+
+
 def _build_config(start: dict[str, Any], changes: Mapping[str, Any], where: str) -> LayerConfig:
     genes = dict(start)
     unknown = set(changes) - set(genes)

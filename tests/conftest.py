@@ -102,3 +102,29 @@ def stories() -> LoadedModel:
     if not STORIES.is_dir():
         pytest.skip(f"shared model not found at {STORIES} (set QOPT_ASSETS)")
     return load_model(str(STORIES), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama with stories260K's tokenizer (vocab 512), saved like a hub model."""
+    if not STORIES.is_dir():
+        pytest.skip(f"shared model not found at {STORIES} (set QOPT_ASSETS)")
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.15,
+    )  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(STORIES).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_text(tmp_path_factory) -> Path:
+    """The first 40 KB of the TinyStories text."""
+    if not TINYSTORIES.is_file():
+        pytest.skip(f"shared data not found at {TINYSTORIES} (set QOPT_ASSETS)")
+    path = tmp_path_factory.mktemp("text") / "stories.txt"
+    path.write_text(TINYSTORIES.read_text()[:40_000])
+    return path

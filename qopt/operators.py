@@ -1,0 +1,195 @@
+"""Variation operators on genomes, and the NSGA-II sampler that uses them.
+
+Each operator is a small function with one job, taking a genome (one
+LayerConfig per gene group) and returning a new, valid one:
+
+- `perturb_bits`: move bit-widths one step up or down the ladder;
+- `swap_layers`: exchange the configs of two gene groups;
+- `replace_scaling`: redraw a group's scaling rule (granularity, group size,
+  symmetry, scale choice);
+- `toggle_outliers`: switch a group's outlier policy off, or on to a random one;
+- `crossover`: each group's whole config from one parent or the other, so
+  genes that work together within a layer stay together.
+
+`GenomeVariation` composes them with rates from `VariationConfig` and is
+Optuna's `child_generation_strategy`; `GenomeSampler` is NSGA-II whose
+relative search space is the whole conditional space (Optuna's default, the
+intersection, would drop conditional genes and redraw them at random).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.samplers import NSGAIISampler
+from optuna.trial import FrozenTrial
+
+from qopt.errors import QoptError
+from qopt.space import Genome, SearchSpace
+
+
+@dataclass(frozen=True)
+class VariationConfig:
+    """Operator rates. `*_rate` are per gene group; the others per child."""
+
+    crossover_prob: float = 0.9
+    bits_rate: float = 0.05
+    swap_prob: float = 0.1
+    scaling_rate: float = 0.03
+    outlier_rate: float = 0.03
+    format_rate: float = 0.015
+    arithmetic_rate: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name, value in self.__dict__.items():
+            if not 0.0 <= value <= 1.0:
+                raise QoptError(f"variation.{name}: {value} is not a probability in [0, 1]")
+
+
+def perturb_bits(genome: Genome, space: SearchSpace, rng: np.random.RandomState, rate: float) -> Genome:
+    """Each group, with probability `rate`, moves one step up or down the bit ladder."""
+    if "bits" not in space.config.families:
+        return genome
+    child = dict(genome)
+    for group in space.groups:
+        if rng.random_sample() < rate:
+            child[group.name] = space.step_bits(child[group.name], group, int(rng.choice([-1, 1])))
+    return child
+
+
+def swap_layers(genome: Genome, space: SearchSpace, rng: np.random.RandomState) -> Genome:
+    """Exchange the configs of two random gene groups (repaired to each one's shapes)."""
+    if len(space.groups) < 2:
+        return genome
+    i, j = rng.choice(len(space.groups), size=2, replace=False)
+    a, b = space.groups[i], space.groups[j]
+    child = dict(genome)
+    child[a.name] = space.repair(genome[b.name].to_dict(), a)
+    child[b.name] = space.repair(genome[a.name].to_dict(), b)
+    return child
+
+
+def replace_family(genome: Genome, space: SearchSpace, rng: np.random.RandomState, rate: float, family: str) -> Genome:
+    """Each group, with probability `rate`, redraws one gene family at random."""
+    if family not in space.config.families:
+        return genome
+    child = dict(genome)
+    for group in space.groups:
+        if rng.random_sample() < rate:
+            donor = space.random_config(group, rng)
+            child[group.name] = space.replace_family(child[group.name], donor, family, group)
+    return child
+
+
+def replace_scaling(genome: Genome, space: SearchSpace, rng: np.random.RandomState, rate: float) -> Genome:
+    """Each group, with probability `rate`, gets a new random scaling rule."""
+    return replace_family(genome, space, rng, rate, "scaling")
+
+
+def toggle_outliers(genome: Genome, space: SearchSpace, rng: np.random.RandomState, rate: float) -> Genome:
+    """Each group, with probability `rate`: outlier handling off if on, else a random policy."""
+    if "outliers" not in space.config.families:
+        return genome
+    child = dict(genome)
+    for group in space.groups:
+        config = child[group.name]
+        if rng.random_sample() >= rate or not config.quantizes_weights:
+            continue
+        if config.outliers != "none":
+            child[group.name] = space.repair({**config.to_dict(), "outliers": "none"}, group)
+        else:
+            policy = ("topk", "smooth", "rotate")[rng.randint(3)]
+            child[group.name] = space.repair({**config.to_dict(), "outliers": policy}, group)
+    return child
+
+
+def crossover(a: Genome, b: Genome, space: SearchSpace, rng: np.random.RandomState) -> Genome:
+    """Uniform crossover at the level of gene groups."""
+    return {g.name: (a if rng.random_sample() < 0.5 else b)[g.name] for g in space.groups}
+
+
+class GenomeVariation:
+    """NSGA-II child generation: two parents -> crossover -> mutations -> budget fit."""
+
+    def __init__(
+        self, space: SearchSpace, config: VariationConfig, budget_bpw: float | None, rng: np.random.RandomState
+    ) -> None:
+        self.space = space
+        self.config = config
+        self.budget_bpw = budget_bpw
+        self.rng = rng
+
+    def child(self, parents: Sequence[Genome]) -> Genome:
+        rng, space, c = self.rng, self.space, self.config
+        first, second = (parents[i] for i in rng.choice(len(parents), size=2, replace=len(parents) < 2))
+        genome = crossover(first, second, space, rng) if rng.random_sample() < c.crossover_prob else dict(first)
+        genome = perturb_bits(genome, space, rng, c.bits_rate)
+        if rng.random_sample() < c.swap_prob:
+            genome = swap_layers(genome, space, rng)
+        genome = replace_scaling(genome, space, rng, c.scaling_rate)
+        genome = toggle_outliers(genome, space, rng, c.outlier_rate)
+        genome = replace_family(genome, space, rng, c.format_rate, "format")
+        genome = replace_family(genome, space, rng, c.arithmetic_rate, "arithmetic")
+        if any(genome == p for p in parents):  # a clone teaches nothing: force one change
+            genome = perturb_bits(genome, space, rng, 1.0 / len(space.groups))
+        if self.budget_bpw is not None:
+            genome = space.fit_budget(genome, self.budget_bpw, rng)
+        return genome
+
+    def __call__(
+        self, study: optuna.Study, search_space: dict[str, BaseDistribution], parents: list[FrozenTrial]
+    ) -> dict[str, Any]:
+        genomes = [self.space.decode(t.params) for t in parents]
+        params = self.space.encode(self.child(genomes))
+        return {k: v for k, v in params.items() if k in search_space}
+
+
+class GenomeSampler(NSGAIISampler):
+    """NSGA-II over whole qopt genomes.
+
+    Generation 0 is drawn by `SearchSpace.random_genome` (structured, with
+    the configured entropy) and fitted to the budget; later generations come
+    from `GenomeVariation`. Enqueued trials (baselines) keep their fixed params.
+    The bit budget reaches selection as a trial constraint (Optuna 5's
+    `Trial.set_constraint`, which replaced `constraints_func`).
+    """
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        *,
+        population_size: int,
+        variation: VariationConfig = VariationConfig(),
+        budget_bpw: float | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self._space = space
+        self._budget_bpw = budget_bpw
+        self._genome_rng = np.random.RandomState(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            super().__init__(
+                population_size=population_size,
+                seed=seed,
+                child_generation_strategy=GenomeVariation(space, variation, budget_bpw, self._genome_rng),
+            )
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return {name: dist for name, dist in self._space.distributions().items() if not dist.single()}
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        params = super().sample_relative(study, trial, search_space)
+        if params:
+            return params
+        genome = self._space.random_genome(self._genome_rng, self._budget_bpw)
+        if self._budget_bpw is not None:
+            genome = self._space.fit_budget(genome, self._budget_bpw, self._genome_rng)
+        return {k: v for k, v in self._space.encode(genome).items() if k in search_space}

@@ -1,0 +1,429 @@
+"""Studies: a search configuration stored with its trials in an Optuna storage.
+
+`create` stores the `StudyConfig` in the study's user attributes and enqueues
+the uniform round-to-nearest baselines as the first trials; `launch` (any
+number of times, on any number of machines sharing the storage) loads it back,
+loads the model once, and runs NSGA-II trials. Every trial is rebuildable
+from the database alone: its params decode to a genome under the stored
+config's search space.
+
+Storage is an SQLAlchemy URL: a SQLite file by default (`runs/qopt.db`, or
+`$QOPT_STORAGE`), PostgreSQL for several workers
+(`postgresql+psycopg://user@host/db`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
+
+from qopt.errors import QoptError, first_line
+from qopt.evaluate import Collapsed, EvalSettings, Evaluator, Metrics
+from qopt.operators import GenomeSampler, VariationConfig
+from qopt.space import SearchConfig, SearchSpace
+from qopt.strategy import FORMAT_BITS, FP16, LayerConfig, Strategy, drop_inactive_genes
+
+DEFAULT_STORAGE = "sqlite:///runs/qopt.db"
+QUALITY_OBJECTIVES = ("kl", "ppl")
+EXTRA_OBJECTIVES = ("total_mib",)
+_CONFIG_ATTR = "qopt:config"
+_EVAL_ATTR_PREFIX = "qopt:eval:"
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything a study needs besides its storage.
+
+    `objectives` are minimised: a quality (`kl` or `ppl`, on the search part),
+    then `bpw`, then optionally `total_mib` (whole-model size, edges included).
+    `budget_bpw` is a constraint: trials above it never enter the front.
+    `collapse_kl` rejects a trial after one batch when its KL exceeds it.
+    `baselines` are uniform round-to-nearest strategies enqueued as the first
+    trials: each entry is a bit-width or a mapping of genes laid over the
+    search's `base` config (e.g. `{bits: 3, granularity: channel}`).
+    """
+
+    model: str
+    data: str
+    budget_bpw: float | None = None
+    objectives: tuple[str, ...] = ("kl", "bpw")
+    population: int = 24
+    seed: int = 0
+    collapse_kl: float = 4.0
+    baselines: tuple[int | Mapping[str, Any], ...] = (2, 3, 4, 8)
+    device: str | None = None
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    variation: VariationConfig = field(default_factory=VariationConfig)
+
+    def __post_init__(self) -> None:
+        objectives = self.objectives
+        if len(objectives) not in (2, 3) or objectives[0] not in QUALITY_OBJECTIVES or objectives[1] != "bpw":
+            raise QoptError(
+                f"objectives: {list(objectives)} must be [kl|ppl, bpw] plus optionally one of {list(EXTRA_OBJECTIVES)}"
+            )
+        if len(objectives) == 3 and objectives[2] not in EXTRA_OBJECTIVES:
+            raise QoptError(f"objectives: third objective {objectives[2]!r} is not one of {list(EXTRA_OBJECTIVES)}")
+        if self.population < 2:
+            raise QoptError(f"population: {self.population} must be at least 2")
+        if self.budget_bpw is not None and self.budget_bpw <= 0:
+            raise QoptError(f"budget_bpw: {self.budget_bpw} must be positive")
+        baseline_strategies(self)  # reject a malformed baseline now, naming it
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["search"]["base"] = self.search.base.to_dict()
+        return _lists(data)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "study config") -> StudyConfig:
+        if not isinstance(data, Mapping):
+            raise QoptError(f"{where}: expected a mapping, got {type(data).__name__}")
+        fields = _checked(cls, data, where)
+        for key in ("model", "data"):
+            if key not in fields:
+                raise QoptError(f"{where}: {key} is required")
+        if "eval" in fields:
+            fields["eval"] = EvalSettings(**_checked(EvalSettings, fields["eval"], "eval"))
+        if "search" in fields:
+            search = _checked(SearchConfig, fields["search"], "search")
+            if "base" in search:
+                search["base"] = LayerConfig.from_dict(search["base"], where="search.base")
+            fields["search"] = SearchConfig(**_tuples(search))
+        if "variation" in fields:
+            fields["variation"] = VariationConfig(**_checked(VariationConfig, fields["variation"], "variation"))
+        try:
+            return cls(**_tuples(fields))
+        except TypeError as exc:
+            raise QoptError(f"{where}: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> StudyConfig:
+        """Read a study YAML; relative model/data paths are relative to the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise QoptError(f"study config {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark else ""
+            raise QoptError(f"study config {path} is not valid YAML: {where}{getattr(exc, 'problem', exc)}") from None
+        config = cls.from_dict(data, where=str(path))
+        resolved = {}
+        for key in ("model", "data"):
+            value = getattr(config, key)
+            candidate = (path.parent / value).resolve()
+            if not Path(value).is_absolute() and not value.startswith("hf:") and candidate.exists():
+                resolved[key] = str(candidate)
+        return dataclasses.replace(config, **resolved)
+
+
+# ---- storage ----------------------------------------------------------
+def storage_url(url: str | None = None) -> str:
+    """The URL to use: given, else $QOPT_STORAGE, else the SQLite default."""
+    return url or os.environ.get("QOPT_STORAGE") or DEFAULT_STORAGE
+
+
+def open_storage(url: str | None = None) -> optuna.storages.RDBStorage:
+    """An Optuna RDB storage for `url` (SQLite folders are created)."""
+    url = storage_url(url)
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///") :])
+        path.parent.mkdir(parents=True, exist_ok=True)
+    engine_kwargs = {} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except Exception as exc:  # sqlalchemy raises many types for a bad or unreachable URL
+        raise QoptError(f"cannot open storage {redacted_url(url)}: {first_line(exc)}") from None
+    if url.startswith("sqlite"):
+        _speed_up_sqlite(storage.engine)
+    return storage
+
+
+def _speed_up_sqlite(engine) -> None:
+    """WAL journal, and fsync at checkpoints only.
+
+    Optuna commits every suggested parameter on its own; a full-genome trial
+    has hundreds, and with SQLite's defaults those commits were 80% of a
+    trial's time on stories260K. WAL keeps concurrent readers and writers.
+    """
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _pragmas(connection, _record) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    engine.dispose()  # connections opened before the listener reconnect with it
+
+
+def create(name: str, config: StudyConfig, url: str | None = None) -> optuna.Study:
+    """Create study `name` (idempotent for the same config) and enqueue baselines."""
+    from qopt.model import load_skeleton
+
+    storage = open_storage(url)
+    stored = _stored_config(storage, name)
+    if stored is not None:
+        if stored != config.to_dict():
+            key = next(k for k in config.to_dict() if stored.get(k) != config.to_dict()[k])
+            raise QoptError(f"study {name!r} already exists with a different config ({key} differs); pick another name")
+        return optuna.load_study(study_name=name, storage=storage)
+    space = SearchSpace(load_skeleton(config.model).units, config.search)
+    if config.budget_bpw is not None and config.budget_bpw < space.min_bpw():
+        raise QoptError(
+            f"budget_bpw: {config.budget_bpw} is below the smallest bpw this search space can reach "
+            f"({space.min_bpw():.3f})"
+        )
+    study = optuna.create_study(study_name=name, storage=storage, directions=["minimize"] * len(config.objectives))
+    study.set_user_attr(_CONFIG_ATTR, config.to_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(config.objectives))
+    for strategy in baseline_strategies(config):
+        genome = space.genome_of(strategy)
+        if space.strategy(genome).resolve(space.units) == strategy.resolve(space.units):
+            study.enqueue_trial(space.encode(genome), user_attrs={"baseline": strategy.name})
+    return study
+
+
+def baseline_strategies(config: StudyConfig) -> list[Strategy]:
+    """The configured uniform round-to-nearest strategies (no outliers, fp32, nearest)."""
+    plain = {"outliers": "none", "act_format": "none", "accumulation": "fp32", "rounding": "nearest"}
+    out = []
+    for i, entry in enumerate(config.baselines):
+        genes = {"bits": entry} if isinstance(entry, int) else dict(entry)
+        merged = {**config.search.base.to_dict(), **plain, **genes}
+        if merged["bits"] not in FORMAT_BITS[merged.get("format", "int")]:
+            merged["format"] = "int"
+        try:
+            layer = FP16.evolve(**drop_inactive_genes(merged))
+        except QoptError as exc:
+            raise QoptError(f"baselines[{i}].{exc}") from None
+        out.append(Strategy(default=layer, name=f"RTN {layer.describe()}"))
+    return out
+
+
+def load(name: str, url: str | None = None) -> tuple[optuna.Study, StudyConfig]:
+    """Load an existing study and its config; a clear error if there is none."""
+    storage = open_storage(url)
+    stored = _stored_config(storage, name)
+    if stored is None:
+        where = redacted_url(storage_url(url))
+        raise QoptError(f"no study named {name!r} in {where}; create it with `qopt study create {name} --config FILE`")
+    return optuna.load_study(study_name=name, storage=storage), StudyConfig.from_dict(stored)
+
+
+# ---- running ----------------------------------------------------------
+class SearchRun:
+    """One worker's view of a study: the model loaded once, an evaluator, the space."""
+
+    def __init__(self, config: StudyConfig, progress: bool = False) -> None:
+        from qopt.data import load_text
+        from qopt.model import load_model
+
+        self.config = config
+        self.lm = load_model(config.model, device=config.device)
+        self.evaluator = Evaluator.from_text(self.lm, load_text(config.data), config.eval, progress=progress)
+        self.space = SearchSpace(self.lm.units, config.search)
+
+    def sampler(self, n_existing: int) -> GenomeSampler:
+        # Offset the seed by the trials already there, so a relaunch does not replay draws.
+        return GenomeSampler(
+            self.space,
+            population_size=self.config.population,
+            variation=self.config.variation,
+            budget_bpw=self.config.budget_bpw,
+            seed=self.config.seed + n_existing,
+        )
+
+    def objective(self, trial: optuna.Trial) -> tuple[float, ...]:
+        genome = self.space.sample(trial)
+        bpw = self.space.bpw(genome)
+        trial.set_user_attr("bpw", bpw)
+        if self.config.budget_bpw is not None:
+            trial.set_constraint("bpw_over_budget", bpw - self.config.budget_bpw)
+        strategy = self.space.strategy(genome, name=f"trial {trial.number}")
+        # Baselines are reference points: measure them even when they collapse.
+        cap = None if "baseline" in trial.user_attrs else self.config.collapse_kl
+        try:
+            metrics = self.evaluator.evaluate(strategy, "search", collapse_kl=cap)
+        except Collapsed as exc:
+            trial.set_user_attr("rejected", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
+        trial.set_user_attr("ppl", metrics.ppl)
+        trial.set_user_attr("top1", metrics.top1)
+        trial.set_user_attr("seconds", metrics.seconds)
+        return _objective_values(self.config.objectives, metrics)
+
+    def eval_metrics(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, float]:
+        """Evaluation-part metrics of a trial, computed once and stored in the study."""
+        key = f"{_EVAL_ATTR_PREFIX}{trial.number}"
+        if key not in study.user_attrs:
+            strategy = self.space.strategy(self.space.decode(trial.params))
+            m = self.evaluator.evaluate(strategy, "eval")
+            held_out = {"kl": m.kl, "ppl": m.ppl, "top1": m.top1, "fp_ppl": m.fp_ppl}
+            study.set_user_attr(key, held_out)
+            return held_out
+        return study.user_attrs[key]
+
+
+def launch(
+    name: str, n_trials: int | None, timeout: float | None = None, url: str | None = None, progress: bool = True
+) -> int:
+    """Run trials of an existing study; returns how many completed in this launch."""
+    study, config = load(name, url)
+    run = SearchRun(config)
+    before = _count(study, TrialState.COMPLETE)
+    study = optuna.load_study(study_name=name, storage=study._storage, sampler=run.sampler(len(study.trials)))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(run.objective, n_trials=n_trials, timeout=timeout, show_progress_bar=progress)
+    return _count(study, TrialState.COMPLETE) - before
+
+
+# ---- reading results ---------------------------------------------------
+@dataclass(frozen=True)
+class FrontMember:
+    """One strategy on (or beside) the Pareto front, with held-out metrics."""
+
+    trial: int
+    bpw: float
+    search_kl: float
+    search_ppl: float
+    eval_kl: float
+    eval_ppl: float
+    eval_top1: float
+    baseline: str | None
+
+
+def front(name: str, url: str | None = None, with_baselines: bool = True) -> list[FrontMember]:
+    """The feasible Pareto front (by search-part objectives), evaluated on the eval part.
+
+    Baseline trials are appended (marked) so a front can be read against them.
+    """
+    study, config = load(name, url)
+    trials = sorted(study.best_trials, key=lambda t: t.user_attrs["bpw"])
+    if with_baselines:
+        chosen = {t.number for t in trials}
+        trials += [t for t in completed(study) if "baseline" in t.user_attrs and t.number not in chosen]
+    if not trials:
+        return []
+    run = SearchRun(config)
+    members = []
+    for trial in trials:
+        held_out = run.eval_metrics(study, trial)
+        members.append(
+            FrontMember(
+                trial=trial.number,
+                bpw=trial.user_attrs["bpw"],
+                search_kl=trial.values[0] if config.objectives[0] == "kl" else float("nan"),
+                search_ppl=trial.user_attrs.get("ppl", float("nan")),
+                eval_kl=held_out["kl"],
+                eval_ppl=held_out["ppl"],
+                eval_top1=held_out["top1"],
+                baseline=trial.user_attrs.get("baseline"),
+            )
+        )
+    return members
+
+
+def best(name: str, max_bpw: float, url: str | None = None) -> tuple[FrozenTrial, Strategy]:
+    """The feasible trial with the best search-part quality at bpw <= `max_bpw`, as a Strategy."""
+    from qopt.model import load_skeleton
+
+    study, config = load(name, url)
+    budget = config.budget_bpw if config.budget_bpw is not None else float("inf")
+    eligible = [t for t in completed(study) if t.user_attrs["bpw"] <= min(max_bpw, budget)]
+    if not eligible:
+        raise QoptError(f"no completed trial of study {name!r} has bpw <= {max_bpw}")
+    trial = min(eligible, key=lambda t: t.values[0])
+    space = SearchSpace(load_skeleton(config.model).units, config.search)
+    strategy = space.strategy(space.decode(trial.params), name=f"{name} trial {trial.number}")
+    return trial, strategy
+
+
+def completed(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def status(name: str, url: str | None = None) -> dict[str, Any]:
+    """Counts by state, the front's size, and timing of a study."""
+    study, config = load(name, url)
+    trials = study.get_trials(deepcopy=False)
+    done = completed(study)
+    durations = [t.duration.total_seconds() for t in done if t.duration is not None]
+    return {
+        "name": name,
+        "model": config.model,
+        "budget_bpw": config.budget_bpw,
+        "objectives": list(config.objectives),
+        "trials": len(trials),
+        **{state.name.lower(): sum(t.state == state for t in trials) for state in TrialState},
+        "front": len(study.best_trials),
+        "baselines": sum("baseline" in t.user_attrs for t in done),
+        "mean_trial_seconds": sum(durations) / len(durations) if durations else None,
+        "generation": max((t.system_attrs.get("GenomeSampler:generation", 0) for t in trials), default=0),
+    }
+
+
+# ---- helpers -----------------------------------------------------------
+def _objective_values(objectives: tuple[str, ...], m: Metrics) -> tuple[float, ...]:
+    table = {"kl": m.kl, "ppl": m.ppl, "bpw": m.bpw, "total_mib": m.total_bytes / 2**20}
+    return tuple(table[o] for o in objectives)
+
+
+def _stored_config(storage: optuna.storages.BaseStorage, name: str) -> dict[str, Any] | None:
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+    attrs = storage.get_study_user_attrs(study_id)
+    if _CONFIG_ATTR not in attrs:
+        raise QoptError(f"study {name!r} exists but was not made by qopt (no stored config)")
+    return attrs[_CONFIG_ATTR]
+
+
+def _count(study: optuna.Study, state: TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=(state,)))
+
+
+def _checked(cls: type, data: Any, where: str) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise QoptError(f"{where}: expected a mapping, got {type(data).__name__}")
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - allowed
+    if unknown:
+        raise QoptError(f"{where}: unknown key {sorted(unknown)[0]!r} (keys: {', '.join(sorted(allowed))})")
+    return dict(data)
+
+
+def _tuples(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+
+
+def _lists(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _lists(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_lists(v) for v in data]
+    return data
+
+
+def redacted_url(url: str) -> str:
+    """`url` with any password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]

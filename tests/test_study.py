@@ -1,0 +1,145 @@
+"""Studies end to end on a tiny saved model: create, launch, resume, front, best, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from qopt import study as qstudy
+from qopt.errors import QoptError
+from qopt.evaluate import EvalSettings
+from qopt.space import SearchConfig
+from qopt.strategy import FP16, Strategy
+
+BUDGET = 3.5
+
+
+@pytest.fixture
+def config(tiny_llama_dir, small_text) -> qstudy.StudyConfig:
+    return qstudy.StudyConfig(
+        model=str(tiny_llama_dir),
+        data=str(small_text),
+        budget_bpw=BUDGET,
+        population=6,
+        seed=3,
+        baselines=(2, 3, 4, 8),
+        eval=EvalSettings(seq_len=64, search_windows=2, eval_windows=2, calib_windows=2, batch_size=2),
+        search=SearchConfig(group_sizes=(16, 32, 64), base=FP16.evolve(bits=4, group_size=32)),
+    )
+
+
+@pytest.fixture
+def url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'studies.db'}"
+
+
+def _pareto_ok(trials) -> bool:
+    values = [t.values for t in trials]
+    return not any(all(a <= b for a, b in zip(u, v, strict=True)) and u != v for u in values for v in values)
+
+
+def test_twenty_trials_give_a_feasible_non_dominated_front(config, url):
+    qstudy.create("s", config, url)
+    assert qstudy.launch("s", n_trials=20, url=url, progress=False) > 0
+    study, _ = qstudy.load("s", url)
+    assert len(study.trials) == 20
+    front = study.best_trials
+    assert front and _pareto_ok(front)
+    assert all(t.user_attrs["bpw"] <= BUDGET for t in front)
+    baselines = [t for t in study.trials if "baseline" in t.user_attrs]
+    assert [t.user_attrs["baseline"] for t in baselines][:4] == [
+        "RTN int2 g32 asym", "RTN int3 g32 asym", "RTN int4 g32 asym", "RTN int8 g32 asym",
+    ]  # fmt: skip
+    assert all(t.state == TrialState.COMPLETE for t in baselines)  # never cut by the collapse cap
+    # generated trials (not the over-budget baselines) all fit the budget
+    assert all(t.user_attrs["bpw"] <= BUDGET for t in study.trials if "baseline" not in t.user_attrs)
+
+
+def test_relaunch_adds_trials_and_survives_an_interrupt(config, url, monkeypatch):
+    qstudy.create("s", config, url)
+    qstudy.launch("s", n_trials=6, url=url, progress=False)
+    original = qstudy.SearchRun.objective
+    calls = {"n": 0}
+
+    def interrupting(self, trial):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, trial)
+
+    monkeypatch.setattr(qstudy.SearchRun, "objective", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        qstudy.launch("s", n_trials=6, url=url, progress=False)
+    monkeypatch.setattr(qstudy.SearchRun, "objective", original)
+    qstudy.launch("s", n_trials=6, url=url, progress=False)
+    study, _ = qstudy.load("s", url)
+    states = [t.state for t in study.trials]
+    assert len(states) == 6 + 3 + 6  # the interrupted launch ran 2 trials and failed the 3rd
+    assert states.count(TrialState.FAIL) == 1 and TrialState.RUNNING not in states
+
+
+def test_same_seed_same_trials(config, tmp_path):
+    params = []
+    for name in ("a", "b"):
+        url = f"sqlite:///{tmp_path / name}.db"
+        qstudy.create("s", config, url)
+        qstudy.launch("s", n_trials=14, url=url, progress=False)
+        params.append([t.params for t in qstudy.load("s", url)[0].trials])
+    assert params[0] == params[1]
+
+
+def test_create_is_idempotent_and_guards_its_config(config, url):
+    qstudy.create("s", config, url)
+    qstudy.create("s", config, url)  # same config: fine, nothing enqueued twice
+    study, stored = qstudy.load("s", url)
+    assert len(study.trials) == 4 and stored == config
+    with pytest.raises(QoptError, match=r"already exists with a different config \(budget_bpw differs\)"):
+        qstudy.create("s", dataclasses.replace(config, budget_bpw=3.0), url)
+
+
+def test_bad_inputs(config, url, tmp_path):
+    with pytest.raises(QoptError, match="no study named 'missing'"):
+        qstudy.load("missing", url)
+    with pytest.raises(QoptError, match=r"budget_bpw: 1.0 is below the smallest bpw this search space can reach"):
+        qstudy.create("low", dataclasses.replace(config, budget_bpw=1.0), url)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: x\ndata: [1\n")
+    with pytest.raises(QoptError, match="not valid YAML"):
+        qstudy.StudyConfig.load(bad)
+    bad.write_text("model: x\ndata: y\npopulaton: 3\n")
+    with pytest.raises(QoptError, match="unknown key 'populaton'"):
+        qstudy.StudyConfig.load(bad)
+    bad.write_text("model: x\ndata: y\nobjectives: [bpw, kl]\n")
+    with pytest.raises(QoptError, match="objectives"):
+        qstudy.StudyConfig.load(bad)
+    with pytest.raises(QoptError, match=r"baselines\[0\]\.bits"):
+        dataclasses.replace(config, baselines=({"bits": 7},))
+
+
+def test_front_and_best_rebuild_strategies_from_the_database(config, url, tiny_llama_dir):
+    qstudy.create("s", config, url)
+    qstudy.launch("s", n_trials=12, url=url, progress=False)
+    members = qstudy.front("s", url)
+    assert members and all(m.eval_kl >= 0 and m.eval_ppl > 0 for m in members)
+    assert any(m.baseline for m in members)
+    study, _ = qstudy.load("s", url)
+    assert any(key.startswith("qopt:eval:") for key in study.user_attrs)  # computed once, stored
+    trial, strategy = qstudy.best("s", max_bpw=BUDGET, url=url)
+    assert trial.user_attrs["bpw"] <= BUDGET
+    # the exported strategy reproduces the trial's search-part metrics exactly
+    from qopt.data import load_text
+    from qopt.evaluate import Evaluator
+    from qopt.model import load_model
+
+    evaluator = Evaluator.from_text(load_model(str(tiny_llama_dir)), load_text(config.data), config.eval)
+    assert evaluator.evaluate(Strategy.from_dict(strategy.to_dict()), "search").kl == trial.values[0]
+
+
+def test_storage_errors_name_the_url_without_password():
+    with pytest.raises(QoptError) as info:
+        qstudy.open_storage("postgresql+psycopg://qopt:hunter2@127.0.0.1:1/none")
+    assert "hunter2" not in str(info.value) and "***" in str(info.value)
+    assert optuna.__version__.startswith("5")
