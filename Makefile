@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   install, then run qopt on the shared stories260K model (SQLite, CPU or GPU)
+#   make demo   install, then run a 150-trial study on the shared stories260K model (SQLite)
 #   make test   install, then run the test suite (what .ci/run calls)
 
 VENV ?= .venv
@@ -29,10 +29,17 @@ lint: install
 	$(VENV)/bin/ruff check qopt tests scripts
 	$(VENV)/bin/ruff format --check qopt tests scripts
 
+STUDY ?= stories260k
+TRIALS ?= 150
+
+# The main job: an NSGA-II study of the full genome on stories260K at <= 3.25 bpw,
+# stored in runs/qopt.db; running it again adds TRIALS more trials to the same study.
 demo: install
-	mkdir -p $(RUNS)
-	$(QOPT) strategy preset uniform --bits 4 --group 64 -o $(RUNS)/int4-g64.yaml
-	$(QOPT) eval --model $(MODEL) --strategy $(RUNS)/int4-g64.yaml --data $(DATA)
+	$(QOPT) study create $(STUDY) --config studies/stories260k.yaml
+	$(QOPT) study launch $(STUDY) --n-trials $(TRIALS)
+	$(QOPT) study front $(STUDY)
+	$(QOPT) study best $(STUDY) --max-bpw 3.25 -o $(RUNS)/$(STUDY)-best.yaml
+	$(QOPT) study plot $(STUDY) -o $(RUNS)/$(STUDY)-front.html
 
 bench: install
 	$(PY) scripts/bench_eval.py

@@ -4,10 +4,16 @@ Each operator is a small function with one job, taking a genome (one
 LayerConfig per gene group) and returning a new, valid one:
 
 - `perturb_bits`: move bit-widths one step up or down the ladder;
+- `exchange_bits`: one group one step up, another one step down (EvoPress's
+  level switch: roughly budget-neutral);
 - `swap_layers`: exchange the configs of two gene groups;
-- `replace_scaling`: redraw a group's scaling rule (granularity, group size,
-  symmetry, scale choice);
+- `replace_scaling`: redraw one part of a group's scaling rule: the scale
+  function (abs-max, MSE clip, percentile clip), the granularity, or the
+  symmetry;
 - `toggle_outliers`: switch a group's outlier policy off, or on to a random one;
+- `broadcast_genes`: copy one gene unit (say, the scale function) from a
+  donor (one of the genome's own layers, or a random config) to every layer,
+  so a good local discovery spreads across the model in one step;
 - `crossover`: each group's whole config from one parent or the other, so
   genes that work together within a layer stay together.
 
@@ -31,7 +37,8 @@ from optuna.samplers import NSGAIISampler
 from optuna.trial import FrozenTrial
 
 from qopt.errors import QoptError
-from qopt.space import Genome, SearchSpace
+from qopt.space import GENE_UNITS, UNIT_FAMILY, Genome, SearchSpace
+from qopt.strategy import LayerConfig
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,8 @@ class VariationConfig:
     crossover_prob: float = 0.9
     bits_rate: float = 0.05
     swap_prob: float = 0.1
+    exchange_prob: float = 0.3
+    broadcast_prob: float = 0.15
     scaling_rate: float = 0.03
     outlier_rate: float = 0.03
     format_rate: float = 0.015
@@ -63,6 +72,17 @@ def perturb_bits(genome: Genome, space: SearchSpace, rng: np.random.RandomState,
     return child
 
 
+def exchange_bits(genome: Genome, space: SearchSpace, rng: np.random.RandomState) -> Genome:
+    """Move one random group one step up the bit ladder and another one step down."""
+    if "bits" not in space.config.families or len(space.groups) < 2:
+        return genome
+    up, down = (space.groups[i] for i in rng.choice(len(space.groups), size=2, replace=False))
+    child = dict(genome)
+    child[up.name] = space.step_bits(genome[up.name], up, 1)
+    child[down.name] = space.step_bits(genome[down.name], down, -1)
+    return child
+
+
 def swap_layers(genome: Genome, space: SearchSpace, rng: np.random.RandomState) -> Genome:
     """Exchange the configs of two random gene groups (repaired to each one's shapes)."""
     if len(space.groups) < 2:
@@ -76,19 +96,21 @@ def swap_layers(genome: Genome, space: SearchSpace, rng: np.random.RandomState) 
 
 
 def replace_family(genome: Genome, space: SearchSpace, rng: np.random.RandomState, rate: float, family: str) -> Genome:
-    """Each group, with probability `rate`, redraws one gene family at random."""
+    """Each group, with probability `rate`, redraws one gene unit of `family` at random."""
     if family not in space.config.families:
         return genome
+    units = [u for u, f in UNIT_FAMILY.items() if f == family]
     child = dict(genome)
     for group in space.groups:
         if rng.random_sample() < rate:
+            unit = units[rng.randint(len(units))]
             donor = space.random_config(group, rng)
-            child[group.name] = space.replace_family(child[group.name], donor, family, group)
+            child[group.name] = space.replace_genes(child[group.name], donor, GENE_UNITS[unit], group)
     return child
 
 
 def replace_scaling(genome: Genome, space: SearchSpace, rng: np.random.RandomState, rate: float) -> Genome:
-    """Each group, with probability `rate`, gets a new random scaling rule."""
+    """Each group, with probability `rate`, gets a new scale function, granularity or symmetry."""
     return replace_family(genome, space, rng, rate, "scaling")
 
 
@@ -107,6 +129,17 @@ def toggle_outliers(genome: Genome, space: SearchSpace, rng: np.random.RandomSta
             policy = ("topk", "smooth", "rotate")[rng.randint(3)]
             child[group.name] = space.repair({**config.to_dict(), "outliers": policy}, group)
     return child
+
+
+def broadcast_genes(genome: Genome, space: SearchSpace, rng: np.random.RandomState) -> Genome:
+    """One searched gene unit, from one donor config, applied to every group."""
+    units = [u for u, f in UNIT_FAMILY.items() if f in space.config.families]
+    if not units:
+        return genome
+    names = GENE_UNITS[units[rng.randint(len(units))]]
+    source = space.groups[rng.randint(len(space.groups))]
+    donor = genome[source.name] if rng.random_sample() < 0.5 else space.random_config(source, rng)
+    return {g.name: space.replace_genes(genome[g.name], donor, names, g) for g in space.groups}
 
 
 def crossover(a: Genome, b: Genome, space: SearchSpace, rng: np.random.RandomState) -> Genome:
@@ -130,8 +163,12 @@ class GenomeVariation:
         first, second = (parents[i] for i in rng.choice(len(parents), size=2, replace=len(parents) < 2))
         genome = crossover(first, second, space, rng) if rng.random_sample() < c.crossover_prob else dict(first)
         genome = perturb_bits(genome, space, rng, c.bits_rate)
+        if rng.random_sample() < c.exchange_prob:
+            genome = exchange_bits(genome, space, rng)
         if rng.random_sample() < c.swap_prob:
             genome = swap_layers(genome, space, rng)
+        if rng.random_sample() < c.broadcast_prob:
+            genome = broadcast_genes(genome, space, rng)
         genome = replace_scaling(genome, space, rng, c.scaling_rate)
         genome = toggle_outliers(genome, space, rng, c.outlier_rate)
         genome = replace_family(genome, space, rng, c.format_rate, "format")
@@ -154,7 +191,8 @@ class GenomeSampler(NSGAIISampler):
     """NSGA-II over whole qopt genomes.
 
     Generation 0 is drawn by `SearchSpace.random_genome` (structured, with
-    the configured entropy) and fitted to the budget; later generations come
+    the configured entropy, half of it around the `seeds`: uniform human
+    schemes that fit the budget) and fitted to the budget; later generations come
     from `GenomeVariation`. Enqueued trials (baselines) keep their fixed params.
     The bit budget reaches selection as a trial constraint (Optuna 5's
     `Trial.set_constraint`, which replaced `constraints_func`).
@@ -167,10 +205,12 @@ class GenomeSampler(NSGAIISampler):
         population_size: int,
         variation: VariationConfig = VariationConfig(),
         budget_bpw: float | None = None,
+        seeds: Sequence[LayerConfig] = (),
         seed: int | None = None,
     ) -> None:
         self._space = space
         self._budget_bpw = budget_bpw
+        self._seeds = tuple(seeds)
         self._genome_rng = np.random.RandomState(seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -189,7 +229,7 @@ class GenomeSampler(NSGAIISampler):
         params = super().sample_relative(study, trial, search_space)
         if params:
             return params
-        genome = self._space.random_genome(self._genome_rng, self._budget_bpw)
+        genome = self._space.random_genome(self._genome_rng, self._budget_bpw, self._seeds)
         if self._budget_bpw is not None:
             genome = self._space.fit_budget(genome, self._budget_bpw, self._genome_rng)
         return {k: v for k, v in self._space.encode(genome).items() if k in search_space}

@@ -13,8 +13,9 @@ from qopt.study import FrontMember, StudyConfig, completed
 def front_figure(study: optuna.Study, config: StudyConfig, members: Sequence[FrontMember] = ()) -> go.Figure:
     """Every completed trial, the feasible Pareto front, baselines, budget and fp16 reference.
 
-    x: true bits per weight; y: the quality objective on the search part (log
-    scale). Front members with held-out metrics also show their eval-part value.
+    x: true bits per weight (with a budget, the range around it); y: the
+    quality objective on the search part (log scale). Front members with
+    held-out metrics also show their eval-part value (open circles).
     """
     quality = config.objectives[0]
     label = {"kl": "KL to the unquantized model (nats/token)", "ppl": "perplexity"}[quality]
@@ -69,6 +70,9 @@ def front_figure(study: optuna.Study, config: StudyConfig, members: Sequence[Fro
     )
     if config.budget_bpw is not None:
         fig.add_vline(x=config.budget_bpw, line_dash="dash", annotation_text=f"budget {config.budget_bpw} bpw")
+        # Focus on the budget's neighbourhood; far baselines (8-bit) stay in `qopt study front`.
+        low = min([t.user_attrs["bpw"] for t in trials] + [config.budget_bpw])
+        fig.update_xaxes(range=[low - 0.2, config.budget_bpw + 1.5])
     fig.add_annotation(
         text="fp16 reference: KL 0 at 16 bpw" if quality == "kl" else "fp16 reference at 16 bpw",
         xref="paper", yref="paper", x=1.0, y=1.06, showarrow=False,
@@ -76,7 +80,8 @@ def front_figure(study: optuna.Study, config: StudyConfig, members: Sequence[Fro
     fig.update_layout(
         title=f"{study.study_name}: {len(trials)} completed trials",
         xaxis_title="true bits per weight (block linear layers)",
-        yaxis_title=f"{label}, search part",
+        yaxis_title=label,
+        height=650,
         yaxis_type="log",
         template="plotly_white",
     )

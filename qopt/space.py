@@ -50,6 +50,21 @@ FAMILY_GENES = {
     "outliers": ("outliers", "topk_fraction", "smooth_alpha"),
     "arithmetic": ("accumulation", "rounding"),
 }
+#: Genes that change together, the smallest unit a mutation or broadcast edits.
+GENE_UNITS = {
+    "granularity": ("granularity", "group_size"),
+    "symmetric": ("symmetric",),
+    "scale": ("scale", "clip_percentile"),
+    "outliers": ("outliers", "topk_fraction", "smooth_alpha"),
+    "format": ("format",),
+    "activations": ("act_format", "act_bits"),
+    "accumulation": ("accumulation",),
+    "rounding": ("rounding",),
+}
+UNIT_FAMILY = {
+    "granularity": "scaling", "symmetric": "scaling", "scale": "scaling", "outliers": "outliers",
+    "format": "format", "activations": "format", "accumulation": "arithmetic", "rounding": "arithmetic",
+}  # fmt: skip
 _FLOAT_RANGES = {
     "clip_percentile": (99.0, 99.99, False),
     "topk_fraction": (0.001, 0.05, True),
@@ -253,26 +268,38 @@ class SearchSpace:
             self._walk(group, pick)
         return params
 
-    def random_genome(self, rng: np.random.RandomState, budget_bpw: float | None = None) -> Genome:
+    def random_genome(
+        self, rng: np.random.RandomState, budget_bpw: float | None = None, defaults: Sequence[LayerConfig] = ()
+    ) -> Genome:
         """Structured random genome: one global default, then per-(group, family)
         deviations drawn with probability `entropy`.
 
-        The default is the base config at a random bit-width (with a budget:
-        one of the widths up to the first above it). A bit-width deviation is
-        one step along the ladder; other families are redrawn. Starting from
-        the base keeps the first generation out of regions that collapse the
-        model (e.g. INT4 activations everywhere); mutations explore the rest.
+        Half the time (when `defaults` are given, e.g. the human schemes that
+        fit the budget) the default is one of them. Otherwise it is the base
+        config at a random bit-width (with a budget:
+        one of the widths up to the first above it), half the time with a
+        random scaling rule and a quarter of the time a random outlier policy.
+        Activations and arithmetic stay as in the base there, which keeps the
+        first generation out of regions that collapse the model (e.g. INT4
+        activations everywhere). A bit-width deviation is one step along the
+        ladder; other families are redrawn.
         """
         ladder = sorted(self.config.bits)
         if budget_bpw is not None:
             above = [b for b in ladder if b > budget_bpw]
             ladder = [b for b in ladder if b <= budget_bpw] + above[:1]
-        default = self.config.base.to_dict()
-        if "bits" in self.config.families:
-            default["bits"] = ladder[rng.randint(len(ladder))]
+        default = self.repair(self.config.base.to_dict(), self.groups[0])
+        if defaults and rng.random_sample() < 0.5:
+            default = defaults[rng.randint(len(defaults))]
+        elif "bits" in self.config.families:
+            default = self.repair({**default.to_dict(), "bits": ladder[rng.randint(len(ladder))]}, self.groups[0])
+            for family, chance in (("scaling", 0.5), ("outliers", 0.25)):
+                if family in self.config.families and rng.random_sample() < chance:
+                    donor = self.random_config(self.groups[0], rng)
+                    default = self.replace_family(default, donor, family, self.groups[0])
         genome = {}
         for group in self.groups:
-            config = self.repair(default, group)
+            config = self.repair(default.to_dict(), group)
             for family in self.config.families:
                 if rng.random_sample() >= self.config.entropy:
                     continue
@@ -304,10 +331,16 @@ class SearchSpace:
 
     def replace_family(self, config: LayerConfig, donor: LayerConfig, family: str, group: GeneGroup) -> LayerConfig:
         """`config` with one gene family taken from `donor`, repaired."""
-        if not donor.quantizes_weights and family != "bits":
-            return config  # a 16-bit donor has no genes of this family to give
+        return self.replace_genes(config, donor, FAMILY_GENES[family], group)
+
+    def replace_genes(
+        self, config: LayerConfig, donor: LayerConfig, names: Sequence[str], group: GeneGroup
+    ) -> LayerConfig:
+        """`config` with the genes `names` taken from `donor`, repaired."""
+        if not donor.quantizes_weights and "bits" not in names:
+            return config  # a 16-bit donor has none of these genes to give
         genes = config.to_dict() if config.quantizes_weights else {**self.config.base.to_dict(), "bits": 16}
-        for name in FAMILY_GENES[family]:
+        for name in names:
             genes.pop(name, None)
             value = getattr(donor, name)
             if value is not None:

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple, Protocol
 import yaml
 
 from qopt.errors import QoptError
+from qopt.io import read_document
 
 BITS = (2, 3, 4, 5, 6, 8, 16)
 WEIGHT_FORMATS = ("int", "fp", "nf4")
@@ -338,16 +339,7 @@ class Strategy:
     @classmethod
     def load(cls, path: str | Path) -> Strategy:
         """Read a strategy from a .yaml/.yml or .json file."""
-        path = Path(path)
-        if not path.is_file():
-            raise QoptError(f"strategy file {path} does not exist")
-        text = path.read_text()
-        try:
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise QoptError(
-                f"strategy file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {_one_line(exc)}"
-            ) from exc
+        data = read_document(path, "strategy file")
         try:
             return cls.from_dict(data)
         except QoptError as exc:
@@ -409,10 +401,3 @@ def _build_config(start: dict[str, Any], changes: Mapping[str, Any], where: str)
         raise QoptError(f"{where}.{exc}" if where else str(exc)) from None
     except TypeError as exc:  # e.g. a list where a number belongs
         raise QoptError(f"{where or 'layer config'}: {exc}") from None
-
-
-def _one_line(exc: Exception) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    if mark is not None:  # a YAML error: say where, then what
-        return f"line {mark.line + 1}, column {mark.column + 1}: {getattr(exc, 'problem', '') or exc}"
-    return " ".join(str(exc).split())

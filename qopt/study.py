@@ -24,12 +24,12 @@ from typing import Any
 
 import optuna
 import sqlalchemy
-import yaml
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from qopt.errors import QoptError, first_line
 from qopt.evaluate import Collapsed, EvalSettings, Evaluator, Metrics
+from qopt.io import read_document
 from qopt.operators import GenomeSampler, VariationConfig
 from qopt.space import SearchConfig, SearchSpace
 from qopt.strategy import FORMAT_BITS, FP16, LayerConfig, Strategy, drop_inactive_genes
@@ -112,15 +112,7 @@ class StudyConfig:
     def load(cls, path: str | Path) -> StudyConfig:
         """Read a study YAML; relative model/data paths are relative to the file."""
         path = Path(path)
-        if not path.is_file():
-            raise QoptError(f"study config {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"line {mark.line + 1}: " if mark else ""
-            raise QoptError(f"study config {path} is not valid YAML: {where}{getattr(exc, 'problem', exc)}") from None
-        config = cls.from_dict(data, where=str(path))
+        config = cls.from_dict(read_document(path, "study config"), where=str(path))
         resolved = {}
         for key in ("model", "data"):
             value = getattr(config, key)
@@ -240,12 +232,20 @@ class SearchRun:
         self.space = SearchSpace(self.lm.units, config.search)
 
     def sampler(self, n_existing: int) -> GenomeSampler:
+        # The uniform baselines that fit the budget seed the structured first generation.
+        budget = self.config.budget_bpw if self.config.budget_bpw is not None else float("inf")
+        seeds = []
+        for strategy in baseline_strategies(self.config):
+            genome = self.space.genome_of(strategy)
+            if self.space.bpw(genome) <= budget:
+                seeds.append(strategy.default)
         # Offset the seed by the trials already there, so a relaunch does not replay draws.
         return GenomeSampler(
             self.space,
             population_size=self.config.population,
             variation=self.config.variation,
             budget_bpw=self.config.budget_bpw,
+            seeds=seeds,
             seed=self.config.seed + n_existing,
         )
 

@@ -133,3 +133,34 @@ def test_eval_errors_are_one_clear_line(monkeypatch, capsys, tmp_path, assets, c
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err
+
+
+def test_study_commands_end_to_end(monkeypatch, capsys, tmp_path, tiny_llama_dir, small_text):
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        f"model: {tiny_llama_dir}\ndata: {small_text}\nbudget_bpw: 3.5\npopulation: 4\nbaselines: [3, 8]\n"
+        "eval: {seq_len: 64, search_windows: 2, eval_windows: 2, calib_windows: 2, batch_size: 2}\n"
+        "search: {group_sizes: [16, 32], base: {bits: 4, group_size: 32}}\n"
+    )
+    storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    code, out, _ = run(monkeypatch, capsys, "study", "create", "t", "--config", str(config), "--storage", storage)
+    assert code == 0 and "2 trials" in out
+    code, out, _ = run(monkeypatch, capsys, "study", "launch", "t", "--n-trials", "8", "--storage", storage)
+    assert code == 0 and "in all" in out
+    code, out, _ = run(monkeypatch, capsys, "study", "status", "t", "--storage", storage, "--json")
+    assert json.loads(out)["trials"] == 8
+    code, out, _ = run(monkeypatch, capsys, "study", "front", "t", "--storage", storage, "--json")
+    members = json.loads(out)
+    assert members and {"trial", "bpw", "eval_kl", "eval_ppl", "baseline"} <= set(members[0])
+    best = tmp_path / "best.yaml"
+    code, out, _ = run(
+        monkeypatch, capsys, "study", "best", "t", "--max-bpw", "3.5", "-o", str(best), "--storage", storage
+    )
+    assert code == 0 and Strategy.load(best).layers
+    html = tmp_path / "front.html"
+    code, _, _ = run(monkeypatch, capsys, "study", "plot", "t", "-o", str(html), "--storage", storage)
+    assert code == 0 and "Pareto front" in html.read_text()
+    code, _, err = run(monkeypatch, capsys, "study", "launch", "nope", "--n-trials", "1", "--storage", storage)
+    assert code == 2 and "error: no study named 'nope'" in err and "Traceback" not in err
+    code, _, err = run(monkeypatch, capsys, "study", "launch", "t", "--storage", storage)
+    assert code == 2 and "--n-trials or --timeout" in err

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from qopt.operators import (
     GenomeVariation,
     VariationConfig,
+    broadcast_genes,
     crossover,
+    exchange_bits,
     perturb_bits,
     replace_scaling,
     swap_layers,
@@ -51,6 +53,8 @@ def test_every_operator_keeps_genomes_valid(space, seed):
         swap_layers(a, space, rng),
         replace_scaling(a, space, rng, 0.5),
         toggle_outliers(a, space, rng, 0.5),
+        broadcast_genes(a, space, rng),
+        exchange_bits(a, space, rng),
     ):
         _check_genome(space, genome)
 
