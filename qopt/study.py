@@ -320,10 +320,13 @@ def front(name: str, url: str | None = None, with_baselines: bool = True) -> lis
         trials += [t for t in completed(study) if "baseline" in t.user_attrs and t.number not in chosen]
     if not trials:
         return []
-    run = SearchRun(config)
+    run: SearchRun | None = None  # loaded only if some member's held-out metrics are missing
     members = []
     for trial in trials:
-        held_out = run.eval_metrics(study, trial)
+        held_out = study.user_attrs.get(f"{_EVAL_ATTR_PREFIX}{trial.number}")
+        if held_out is None:
+            run = run or SearchRun(config)
+            held_out = run.eval_metrics(study, trial)
         members.append(
             FrontMember(
                 trial=trial.number,
