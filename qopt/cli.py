@@ -177,17 +177,29 @@ def study_create(
 @study_app.command("launch")
 def study_launch(
     name: NameArg,
-    n_trials: Annotated[int | None, typer.Option(help="Trials to run in this launch (added to those done).")] = None,
+    n_trials: Annotated[
+        int | None, typer.Option(help="Trials to run in this launch, shared by the workers (added to those done).")
+    ] = None,
+    until: Annotated[
+        int | None, typer.Option(help="Stop once the study has this many completed trials, whoever ran them.")
+    ] = None,
     timeout: Annotated[float | None, typer.Option(help="Stop starting trials after this many seconds.")] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes on this machine (each loads the model once).")] = 1,
+    heartbeat: Annotated[
+        int, typer.Option(help="Seconds between a running trial's heartbeats; silent for 3 = failed and retried.")
+    ] = 10,
     storage: StorageOpt = None,
 ) -> None:
-    """Run NSGA-II trials; resumes where earlier launches stopped. Ctrl-C stops cleanly."""
+    """Run NSGA-II trials; resumes where earlier launches stopped. Ctrl-C and SIGTERM stop cleanly.
+
+    The same command on other machines, with the same --storage, joins the same study.
+    """
     from qopt import study
 
-    if n_trials is None and timeout is None:
-        raise QoptError("give --n-trials or --timeout (or both)")
+    if n_trials is None and timeout is None and until is None:
+        raise QoptError("give --n-trials, --until or --timeout")
     try:
-        done = study.launch(name, n_trials, timeout, storage)
+        done = study.launch(name, n_trials, timeout, storage, workers=workers, until=until, heartbeat=heartbeat)
     except KeyboardInterrupt:
         info = study.status(name, storage)
         typer.echo(

@@ -15,7 +15,12 @@ Storage is an SQLAlchemy URL: a SQLite file by default (`runs/qopt.db`, or
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
+import signal
+import socket
+import sys
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,8 +29,10 @@ from typing import Any
 
 import optuna
 import sqlalchemy
+import torch
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
+from tqdm.auto import tqdm
 
 from qopt.errors import QoptError, first_line
 from qopt.evaluate import Collapsed, EvalSettings, Evaluator, Metrics
@@ -35,6 +42,9 @@ from qopt.space import SearchConfig, SearchSpace
 from qopt.strategy import FORMAT_BITS, FP16, LayerConfig, Strategy, drop_inactive_genes
 
 DEFAULT_STORAGE = "sqlite:///runs/qopt.db"
+#: Recorded on every trial: which machine and process ran it.
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+_DB_RETRIES = 4
 QUALITY_OBJECTIVES = ("kl", "ppl")
 EXTRA_OBJECTIVES = ("total_mib",)
 _CONFIG_ATTR = "qopt:config"
@@ -128,15 +138,29 @@ def storage_url(url: str | None = None) -> str:
     return url or os.environ.get("QOPT_STORAGE") or DEFAULT_STORAGE
 
 
-def open_storage(url: str | None = None) -> optuna.storages.RDBStorage:
-    """An Optuna RDB storage for `url` (SQLite folders are created)."""
+def open_storage(url: str | None = None, heartbeat: int | None = None) -> optuna.storages.RDBStorage:
+    """An Optuna RDB storage for `url` (SQLite folders are created).
+
+    With `heartbeat` (seconds), running trials send heartbeats; a trial
+    silent for 3 heartbeats (its worker died) is failed by the next worker to
+    start a trial and re-queued once with the same params.
+    """
     url = storage_url(url)
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///") :])
         path.parent.mkdir(parents=True, exist_ok=True)
-    engine_kwargs = {} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    # pre-ping replaces connections a database restart or a proxy closed; recycle ages them out
+    engine_kwargs = {} if url.startswith("sqlite") else {"pool_pre_ping": True, "pool_recycle": 300}
     try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            liveness: dict[str, Any] = {}
+            if heartbeat is not None:
+                retry_once = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+                liveness = dict(
+                    heartbeat_interval=heartbeat, grace_period=3 * heartbeat, heartbeat_stale_trial_callback=retry_once
+                )
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **liveness)
     except Exception as exc:  # sqlalchemy raises many types for a bad or unreachable URL
         raise QoptError(f"cannot open storage {redacted_url(url)}: {first_line(exc)}") from None
     if url.startswith("sqlite"):
@@ -208,14 +232,19 @@ def baseline_strategies(config: StudyConfig) -> list[Strategy]:
     return out
 
 
-def load(name: str, url: str | None = None) -> tuple[optuna.Study, StudyConfig]:
+def load(name: str, url: str | None = None, heartbeat: int | None = None) -> tuple[optuna.Study, StudyConfig]:
     """Load an existing study and its config; a clear error if there is none."""
-    storage = open_storage(url)
+    return _load_from(open_storage(url, heartbeat), name, url)
+
+
+def _load_from(
+    storage: optuna.storages.BaseStorage, name: str, url: str | None, sampler: optuna.samplers.BaseSampler | None = None
+) -> tuple[optuna.Study, StudyConfig]:
     stored = _stored_config(storage, name)
     if stored is None:
         where = redacted_url(storage_url(url))
         raise QoptError(f"no study named {name!r} in {where}; create it with `qopt study create {name} --config FILE`")
-    return optuna.load_study(study_name=name, storage=storage), StudyConfig.from_dict(stored)
+    return optuna.load_study(study_name=name, storage=storage, sampler=sampler), StudyConfig.from_dict(stored)
 
 
 # ---- running ----------------------------------------------------------
@@ -250,6 +279,7 @@ class SearchRun:
         )
 
     def objective(self, trial: optuna.Trial) -> tuple[float, ...]:
+        trial.set_user_attr("worker", WORKER_ID)
         genome = self.space.sample(trial)
         bpw = self.space.bpw(genome)
         trial.set_user_attr("bpw", bpw)
@@ -281,16 +311,142 @@ class SearchRun:
 
 
 def launch(
-    name: str, n_trials: int | None, timeout: float | None = None, url: str | None = None, progress: bool = True
+    name: str,
+    n_trials: int | None,
+    timeout: float | None = None,
+    url: str | None = None,
+    progress: bool = True,
+    workers: int = 1,
+    until: int | None = None,
+    heartbeat: int = 10,
 ) -> int:
-    """Run trials of an existing study; returns how many completed in this launch."""
-    study, config = load(name, url)
-    run = SearchRun(config)
+    """Run trials of an existing study; returns how many completed in this launch.
+
+    `n_trials` are shared among `workers` processes on this machine (each
+    loads the model once); `until` stops every worker once the study holds
+    that many completed trials, whoever ran them. The same call on other
+    machines with the same storage joins the same study.
+    """
+    if workers < 1:
+        raise QoptError(f"--workers must be at least 1, got {workers}")
+    study, _ = load(name, url)  # fail fast on a bad name or storage, before any process starts
     before = _count(study, TrialState.COMPLETE)
-    study = optuna.load_study(study_name=name, storage=study._storage, sampler=run.sampler(len(study.trials)))
+    if workers == 1:
+        _run_worker(name, n_trials, timeout, url, until, heartbeat, progress)
+    else:
+        shares = (
+            [None] * workers
+            if n_trials is None
+            else [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
+        )
+        _run_pool(name, shares, timeout, url, until, heartbeat, progress)
+    return _count(load(name, url)[0], TrialState.COMPLETE) - before
+
+
+def _run_worker(
+    name: str,
+    n_trials: int | None,
+    timeout: float | None,
+    url: str | None,
+    until: int | None,
+    heartbeat: int,
+    progress: bool,
+    threads: int | None = None,
+) -> None:
+    """One worker: load the model once, then run trials until told to stop.
+
+    SIGTERM is turned into KeyboardInterrupt, on which Optuna marks the running
+    trial failed, so a stopped worker never leaves a trial RUNNING. Transient
+    database errors are retried with backoff, resuming the remaining trials.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        _work(name, n_trials, timeout, url, until, heartbeat, progress)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _work(
+    name: str,
+    n_trials: int | None,
+    timeout: float | None,
+    url: str | None,
+    until: int | None,
+    heartbeat: int,
+    progress: bool,
+) -> None:
+    storage = open_storage(url, heartbeat)
+    study, config = _load_from(storage, name, url)
+    run = SearchRun(config)
+    callbacks = [optuna.study.MaxTrialsCallback(until, states=(TrialState.COMPLETE,))] if until else []
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(run.objective, n_trials=n_trials, timeout=timeout, show_progress_bar=progress)
-    return _count(study, TrialState.COMPLETE) - before
+    started = time.monotonic()
+    ours_before = _finished_by_this_worker(study)
+    for attempt in range(_DB_RETRIES + 1):
+        done = _finished_by_this_worker(study) - ours_before
+        remaining = None if n_trials is None else n_trials - done
+        left = None if timeout is None else timeout - (time.monotonic() - started)
+        if (remaining is not None and remaining <= 0) or (left is not None and left <= 0):
+            return
+        if until is not None and _count(study, TrialState.COMPLETE) >= until:
+            return
+        try:
+            study, _ = _load_from(storage, name, url, sampler=run.sampler(len(study.trials)))
+            study.optimize(
+                run.objective, n_trials=remaining, timeout=left, callbacks=callbacks, show_progress_bar=progress
+            )
+            return
+        except sqlalchemy.exc.OperationalError as exc:
+            if attempt == _DB_RETRIES:
+                raise QoptError(f"database error, gave up after {_DB_RETRIES} retries: {first_line(exc)}") from None
+            wait = 2**attempt
+            print(f"database error ({first_line(exc)}); retrying in {wait} s", file=sys.stderr)
+            time.sleep(wait)
+
+
+def _run_pool(
+    name: str,
+    shares: list[int | None],
+    timeout: float | None,
+    url: str | None,
+    until: int | None,
+    heartbeat: int,
+    progress: bool,
+) -> None:
+    """Run one worker process per share; Ctrl-C or SIGTERM stops them all cleanly."""
+    context = multiprocessing.get_context("spawn")  # torch and fork do not mix
+    threads = max(1, (os.cpu_count() or 1) // len(shares))  # share the cores instead of oversubscribing
+    procs = [
+        context.Process(target=_run_worker, args=(name, share, timeout, url, until, heartbeat, False, threads))
+        for share in shares
+    ]
+    for proc in procs:
+        proc.start()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        study, _ = load(name, url)
+        start = _count(study, TrialState.COMPLETE)
+        total = sum(s for s in shares if s is not None) if all(s is not None for s in shares) else None
+        with tqdm(total=total, desc=f"{len(procs)} workers", disable=not progress) as bar:
+            while any(p.is_alive() for p in procs):
+                time.sleep(1.0)
+                bar.n = _count(study, TrialState.COMPLETE) - start
+                bar.refresh()
+    except KeyboardInterrupt:
+        for proc in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGINT)
+        for proc in procs:
+            proc.join(timeout=60)
+        raise
+    finally:
+        for proc in procs:
+            proc.join()
+    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    if failed:
+        raise QoptError(f"{len(failed)} of {len(procs)} workers exited with errors (exit codes {failed})")
 
 
 # ---- reading results ---------------------------------------------------
@@ -396,6 +552,10 @@ def _stored_config(storage: optuna.storages.BaseStorage, name: str) -> dict[str,
     if _CONFIG_ATTR not in attrs:
         raise QoptError(f"study {name!r} exists but was not made by qopt (no stored config)")
     return attrs[_CONFIG_ATTR]
+
+
+def _finished_by_this_worker(study: optuna.Study) -> int:
+    return sum(t.user_attrs.get("worker") == WORKER_ID and t.state.is_finished() for t in study.trials)
 
 
 def _count(study: optuna.Study, state: TrialState) -> int:

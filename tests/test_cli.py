@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -163,4 +164,15 @@ def test_study_commands_end_to_end(monkeypatch, capsys, tmp_path, tiny_llama_dir
     code, _, err = run(monkeypatch, capsys, "study", "launch", "nope", "--n-trials", "1", "--storage", storage)
     assert code == 2 and "error: no study named 'nope'" in err and "Traceback" not in err
     code, _, err = run(monkeypatch, capsys, "study", "launch", "t", "--storage", storage)
-    assert code == 2 and "--n-trials or --timeout" in err
+    assert code == 2 and "give --n-trials, --until or --timeout" in err
+
+
+def test_compose_commands_are_real_cli_commands(monkeypatch, capsys):
+    """docker-compose.yml runs exactly the commands the tests run natively: they must parse."""
+    compose = yaml.safe_load((Path(__file__).parents[1] / "docker-compose.yml").read_text())
+    commands = [s["command"] for s in compose["services"].values() if s.get("image") == "qopt:latest"]
+    assert len(commands) == 3
+    for command in commands:
+        code, out, err = run(monkeypatch, capsys, *command, "--help")
+        assert code == 0 and "Usage" in out, (command, err)
+    assert compose["services"]["worker"]["environment"]["QOPT_STORAGE"].startswith("postgresql+psycopg://")

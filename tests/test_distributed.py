@@ -1,0 +1,170 @@
+"""Several workers on one PostgreSQL study: concurrency, a killed worker, SIGTERM, bad input.
+
+Needs PostgreSQL (CI has it on 127.0.0.1:5432, trust auth, database `test`; set
+QOPT_TEST_POSTGRES to use another). Skipped with the reason when none answers.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+
+from qopt import study as qstudy
+from qopt.errors import QoptError
+from qopt.evaluate import EvalSettings
+from qopt.space import SearchConfig
+from qopt.strategy import FP16
+
+POSTGRES = os.environ.get("QOPT_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="module")
+def postgres() -> str:
+    try:
+        with sqlalchemy.create_engine(POSTGRES).connect():
+            pass
+    except Exception as exc:
+        pytest.skip(f"PostgreSQL not reachable at {qstudy.redacted_url(POSTGRES)}: {str(exc).splitlines()[0]}")
+    return POSTGRES
+
+
+@pytest.fixture
+def name(postgres):
+    study_name = f"test-{uuid.uuid4().hex[:10]}"
+    yield study_name
+    try:
+        optuna.delete_study(study_name=study_name, storage=postgres)
+    except KeyError:
+        pass
+
+
+def _config(tiny_llama_dir, small_text, search_windows=2) -> qstudy.StudyConfig:
+    return qstudy.StudyConfig(
+        model=str(tiny_llama_dir),
+        data=str(small_text),
+        budget_bpw=3.5,
+        population=8,
+        collapse_kl=1e9,  # count every trial as completed, so counts are exact
+        eval=EvalSettings(seq_len=64, search_windows=search_windows, eval_windows=2, calib_windows=2, batch_size=2),
+        search=SearchConfig(group_sizes=(16, 32), base=FP16.evolve(bits=4, group_size=32)),
+    )
+
+
+def _states(postgres, name) -> list[TrialState]:
+    return [t.state for t in optuna.load_study(study_name=name, storage=postgres).trials]
+
+
+def test_four_workers_share_one_study(postgres, name, tiny_llama_dir, small_text):
+    qstudy.create(name, _config(tiny_llama_dir, small_text), postgres)
+    qstudy.launch(name, n_trials=100, url=postgres, progress=False, workers=4, heartbeat=2)
+    study = optuna.load_study(study_name=name, storage=postgres)
+    assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 100
+    assert sorted(t.number for t in study.trials) == list(range(100))  # no duplicates, none lost
+    per_worker = collections.Counter(t.user_attrs["worker"] for t in study.trials)
+    assert sorted(per_worker.values()) == [25, 25, 25, 25]
+    assert sum("baseline" in t.user_attrs for t in study.trials) == 4  # each enqueued baseline ran once
+
+
+def _launch_cli(name, postgres, *args, via_env=False) -> subprocess.Popen:
+    """`qopt study launch NAME ...` as a user types it; the storage by flag or by $QOPT_STORAGE."""
+    command = [sys.executable, "-m", "qopt", "study", "launch", name, *args]
+    env = dict(os.environ)
+    if via_env:
+        env["QOPT_STORAGE"] = postgres  # as docker-compose.yml passes it
+    else:
+        command += ["--storage", postgres]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for_running_trial_of(proc, postgres, name, timeout=120.0) -> int:
+    """Block until `proc` is in the middle of a trial (after it completed two); return that trial's number."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        trials = optuna.load_study(study_name=name, storage=postgres).trials
+        ours = [t for t in trials if t.user_attrs.get("worker", "").endswith(f":{proc.pid}")]
+        if sum(t.state == TrialState.COMPLETE for t in ours) >= 2:
+            running = [t for t in ours if t.state == TrialState.RUNNING]
+            if running:
+                return running[0].number
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("the worker never started a trial")
+
+
+def test_killed_worker_trial_fails_and_is_retried(postgres, name, tiny_llama_dir, small_text):
+    qstudy.create(name, _config(tiny_llama_dir, small_text, search_windows=8), postgres)
+    victim = _launch_cli(name, postgres, "--until", "40", "--heartbeat", "1")
+    survivor = _launch_cli(name, postgres, "--until", "40", "--heartbeat", "1", via_env=True)
+    try:
+        killed_trial = _wait_for_running_trial_of(victim, postgres, name)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        _, err = survivor.communicate(timeout=300)
+        assert survivor.returncode == 0, err
+    finally:
+        for proc in (victim, survivor):
+            if proc.poll() is None:
+                proc.kill()
+    study = optuna.load_study(study_name=name, storage=postgres)
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[killed_trial].state == TrialState.FAIL  # within the grace period, by the survivor
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed_trial]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    # the retry keeps every gene the killed trial had drawn (it may have died while drawing them)
+    assert by_number[killed_trial].params.items() <= retries[0].params.items()
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.COMPLETE) == 40 and TrialState.RUNNING not in states
+
+
+def test_sigterm_stops_a_worker_cleanly(postgres, name, tiny_llama_dir, small_text):
+    qstudy.create(name, _config(tiny_llama_dir, small_text, search_windows=8), postgres)
+    worker = _launch_cli(name, postgres, "--n-trials", "500", "--heartbeat", "1")
+    try:
+        _wait_for_running_trial_of(worker, postgres, name)
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    states = _states(postgres, name)
+    assert TrialState.RUNNING not in states and states.count(TrialState.FAIL) == 1
+
+
+def test_bad_input_leaves_the_study_intact(postgres, name, tiny_llama_dir, small_text, tmp_path):
+    config = _config(tiny_llama_dir, small_text)
+    qstudy.create(name, config, postgres)
+    qstudy.launch(name, n_trials=6, url=postgres, progress=False)
+    before = _states(postgres, name)
+    user = sqlalchemy.engine.make_url(postgres)
+    cases = [
+        (lambda: qstudy.load(name, user.set(password="s3cret", port=1).render_as_string(hide_password=False)),
+         "cannot open storage"),
+        (lambda: qstudy.load(name, user.set(database="qopt_no_such_db").render_as_string(hide_password=False)),
+         "cannot open storage"),
+        (lambda: qstudy.load("no-such-study", postgres), "no study named 'no-such-study'"),
+        (lambda: qstudy.create(name, dataclasses.replace(config, population=9), postgres), "population differs"),
+        (lambda: qstudy.create(f"{name}-m", dataclasses.replace(config, model="/no/model"), postgres),
+         "model path /no/model does not exist"),
+        (lambda: qstudy.create(f"{name}-b", dataclasses.replace(config, budget_bpw=1.5), postgres),
+         "below the smallest bpw"),
+        (lambda: qstudy.best(name, 3.5, postgres)[1].save("/dev/full"), "No space left on device"),
+    ]  # fmt: skip
+    for action, message in cases:
+        with pytest.raises(QoptError, match=message) as info:
+            action()
+        assert "s3cret" not in str(info.value)
+    assert _states(postgres, name) == before
+    names = {s.study_name for s in optuna.get_all_study_summaries(postgres)}
+    assert f"{name}-m" not in names and f"{name}-b" not in names
