@@ -362,10 +362,7 @@ class SearchSpace:
     # ---- cost ---------------------------------------------------------
     def bpw(self, genome: Mapping[str, LayerConfig]) -> float:
         """True bits per weight of the block linear layers, without touching a tensor."""
-        bits = sum(
-            layer_cost(u.out_features, u.in_features, genome[g.name]).total for g in self.groups for u in g.units
-        )
-        return bits / self._n_weights
+        return sum(self._group_bits(genome[g.name], g) for g in self.groups) / self._n_weights
 
     def min_bpw(self) -> float:
         """The smallest bpw any genome of this space can reach."""
@@ -379,28 +376,39 @@ class SearchSpace:
     def fit_budget(self, genome: Genome, budget_bpw: float, rng: np.random.RandomState) -> Genome:
         """Make a genome fit the bit budget with the cheapest edits a quantizer knows.
 
-        Repeatedly pick a group (larger groups more likely) and either lower
-        its bit-width one step or coarsen its scaling (group size up, then
-        per-channel, then per-tensor; asymmetric to symmetric), which saves
-        side data instead of payload. Then, if still over, drop outlier side data. Returns the
+        Repeatedly make one edit, drawn over all groups (larger groups more
+        likely): lower a bit-width one step, or coarsen a scaling rule (group
+        size up, then per-channel, then per-tensor; asymmetric to symmetric),
+        which saves side data instead of payload. Every edit moves down, so
+        this ends. Then, if still over, drop outlier side data. Returns the
         genome unchanged if it already fits.
         """
         genome = dict(genome)
         weights = np.array([g.n_weights for g in self.groups], dtype=float)
-        for _ in range(64 * len(self.groups)):
-            if self.bpw(genome) <= budget_bpw:
-                return genome
-            edits = [(i, e) for i, g in enumerate(self.groups) for e in self._cheaper(genome[g.name], g)]
+        # Costs and options are kept per group and refreshed only for the group just edited.
+        bits = {g.name: self._group_bits(genome[g.name], g) for g in self.groups}
+        options = {g.name: self._cheaper(genome[g.name], g) for g in self.groups}
+        total = sum(bits.values())
+        while total / self._n_weights > budget_bpw:
+            edits = [(i, edit) for i, g in enumerate(self.groups) for edit in options[g.name]]
             if not edits:
                 break
             p = np.array([weights[i] for i, _ in edits])
             i, edit = edits[rng.choice(len(edits), p=p / p.sum())]
-            genome[self.groups[i].name] = edit
+            group = self.groups[i]
+            genome[group.name] = edit
+            new_bits = self._group_bits(edit, group)
+            total += new_bits - bits[group.name]
+            bits[group.name] = new_bits
+            options[group.name] = self._cheaper(genome[group.name], group)
         for group in self.groups:
             if self.bpw(genome) <= budget_bpw:
                 break
             genome[group.name] = self.repair({**genome[group.name].to_dict(), "outliers": "none"}, group)
         return genome
+
+    def _group_bits(self, config: LayerConfig, group: GeneGroup) -> int:
+        return sum(layer_cost(u.out_features, u.in_features, config).total for u in group.units)
 
     def _cheaper(self, config: LayerConfig, group: GeneGroup) -> list[LayerConfig]:
         """Configs one edit cheaper than `config` within this space."""

@@ -406,6 +406,17 @@ def _work(
             time.sleep(wait)
 
 
+def _pool_worker(*args: Any) -> None:
+    """A pooled worker process: user errors are one line and exit 2; Ctrl-C exits 130."""
+    try:
+        _run_worker(*args)
+    except QoptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
 def _run_pool(
     name: str,
     shares: list[int | None],
@@ -419,7 +430,7 @@ def _run_pool(
     context = multiprocessing.get_context("spawn")  # torch and fork do not mix
     threads = max(1, (os.cpu_count() or 1) // len(shares))  # share the cores instead of oversubscribing
     procs = [
-        context.Process(target=_run_worker, args=(name, share, timeout, url, until, heartbeat, False, threads))
+        context.Process(target=_pool_worker, args=(name, share, timeout, url, until, heartbeat, False, threads))
         for share in shares
     ]
     for proc in procs:
@@ -444,7 +455,7 @@ def _run_pool(
     finally:
         for proc in procs:
             proc.join()
-    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    failed = [p.exitcode for p in procs if p.exitcode not in (0, 130)]
     if failed:
         raise QoptError(f"{len(failed)} of {len(procs)} workers exited with errors (exit codes {failed})")
 
