@@ -331,71 +331,70 @@ def launch(
         raise QoptError(f"--workers must be at least 1, got {workers}")
     study, _ = load(name, url)  # fail fast on a bad name or storage, before any process starts
     before = _count(study, TrialState.COMPLETE)
+    job = _Job(name, url, n_trials, timeout, until, heartbeat, progress)
     if workers == 1:
-        _run_worker(name, n_trials, timeout, url, until, heartbeat, progress)
+        _run_worker(job)
     else:
-        shares = (
-            [None] * workers
-            if n_trials is None
-            else [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
-        )
-        _run_pool(name, shares, timeout, url, until, heartbeat, progress)
+        shares: list[int | None] = [None] * workers
+        if n_trials is not None:
+            shares = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
+        threads = max(1, (os.cpu_count() or 1) // workers)  # share the cores instead of oversubscribing
+        _run_pool([dataclasses.replace(job, n_trials=s, progress=False, threads=threads) for s in shares], progress)
     return _count(load(name, url)[0], TrialState.COMPLETE) - before
 
 
-def _run_worker(
-    name: str,
-    n_trials: int | None,
-    timeout: float | None,
-    url: str | None,
-    until: int | None,
-    heartbeat: int,
-    progress: bool,
-    threads: int | None = None,
-) -> None:
+@dataclass(frozen=True)
+class _Job:
+    """What one worker is asked to do (picklable: pooled workers are spawned processes)."""
+
+    name: str
+    url: str | None
+    n_trials: int | None
+    timeout: float | None
+    until: int | None
+    heartbeat: int
+    progress: bool
+    threads: int | None = None
+
+
+def _run_worker(job: _Job) -> None:
     """One worker: load the model once, then run trials until told to stop.
 
     SIGTERM is turned into KeyboardInterrupt, on which Optuna marks the running
     trial failed, so a stopped worker never leaves a trial RUNNING. Transient
     database errors are retried with backoff, resuming the remaining trials.
     """
-    if threads is not None:
-        torch.set_num_threads(threads)
+    if job.threads is not None:
+        torch.set_num_threads(job.threads)
     previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        _work(name, n_trials, timeout, url, until, heartbeat, progress)
+        _work(job)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _work(
-    name: str,
-    n_trials: int | None,
-    timeout: float | None,
-    url: str | None,
-    until: int | None,
-    heartbeat: int,
-    progress: bool,
-) -> None:
-    storage = open_storage(url, heartbeat)
-    study, config = _load_from(storage, name, url)
+def _work(job: _Job) -> None:
+    storage = open_storage(job.url, job.heartbeat)
+    study, config = _load_from(storage, job.name, job.url)
     run = SearchRun(config)
-    callbacks = [optuna.study.MaxTrialsCallback(until, states=(TrialState.COMPLETE,))] if until else []
+    callbacks = [optuna.study.MaxTrialsCallback(job.until, states=(TrialState.COMPLETE,))] if job.until else []
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.monotonic()
     ours_before = _finished_by_this_worker(study)
     for attempt in range(_DB_RETRIES + 1):
         done = _finished_by_this_worker(study) - ours_before
-        remaining = None if n_trials is None else n_trials - done
-        left = None if timeout is None else timeout - (time.monotonic() - started)
+        remaining = None if job.n_trials is None else job.n_trials - done
+        left = None if job.timeout is None else job.timeout - (time.monotonic() - started)
         if (remaining is not None and remaining <= 0) or (left is not None and left <= 0):
             return
-        if until is not None and _count(study, TrialState.COMPLETE) >= until:
+        if job.until is not None and _count(study, TrialState.COMPLETE) >= job.until:
             return
         try:
-            study, _ = _load_from(storage, name, url, sampler=run.sampler(len(study.trials)))
+            study, _ = _load_from(
+                storage, job.name, job.url, sampler=run.sampler(len(study.get_trials(deepcopy=False)))
+            )
             study.optimize(
-                run.objective, n_trials=remaining, timeout=left, callbacks=callbacks, show_progress_bar=progress
+                run.objective, n_trials=remaining, timeout=left, callbacks=callbacks, show_progress_bar=job.progress
             )
             return
         except sqlalchemy.exc.OperationalError as exc:
@@ -406,10 +405,10 @@ def _work(
             time.sleep(wait)
 
 
-def _pool_worker(*args: Any) -> None:
+def _pool_worker(job: _Job) -> None:
     """A pooled worker process: user errors are one line and exit 2; Ctrl-C exits 130."""
     try:
-        _run_worker(*args)
+        _run_worker(job)
     except QoptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -417,29 +416,19 @@ def _pool_worker(*args: Any) -> None:
         sys.exit(130)
 
 
-def _run_pool(
-    name: str,
-    shares: list[int | None],
-    timeout: float | None,
-    url: str | None,
-    until: int | None,
-    heartbeat: int,
-    progress: bool,
-) -> None:
-    """Run one worker process per share; Ctrl-C or SIGTERM stops them all cleanly."""
+def _run_pool(jobs: list[_Job], progress: bool) -> None:
+    """Run one worker process per job, with one progress bar; Ctrl-C or SIGTERM stops them all cleanly."""
     context = multiprocessing.get_context("spawn")  # torch and fork do not mix
-    threads = max(1, (os.cpu_count() or 1) // len(shares))  # share the cores instead of oversubscribing
-    procs = [
-        context.Process(target=_pool_worker, args=(name, share, timeout, url, until, heartbeat, False, threads))
-        for share in shares
-    ]
+    procs = [context.Process(target=_pool_worker, args=(job,)) for job in jobs]
     for proc in procs:
         proc.start()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    name, url = jobs[0].name, jobs[0].url
     try:
         study, _ = load(name, url)
         start = _count(study, TrialState.COMPLETE)
-        total = sum(s for s in shares if s is not None) if all(s is not None for s in shares) else None
+        shares = [job.n_trials for job in jobs]
+        total = sum(s for s in shares if s is not None) if None not in shares else None
         with tqdm(total=total, desc=f"{len(procs)} workers", disable=not progress) as bar:
             while any(p.is_alive() for p in procs):
                 time.sleep(1.0)
@@ -455,6 +444,7 @@ def _run_pool(
     finally:
         for proc in procs:
             proc.join()
+        signal.signal(signal.SIGTERM, previous_handler)
     failed = [p.exitcode for p in procs if p.exitcode not in (0, 130)]
     if failed:
         raise QoptError(f"{len(failed)} of {len(procs)} workers exited with errors (exit codes {failed})")
@@ -566,7 +556,8 @@ def _stored_config(storage: optuna.storages.BaseStorage, name: str) -> dict[str,
 
 
 def _finished_by_this_worker(study: optuna.Study) -> int:
-    return sum(t.user_attrs.get("worker") == WORKER_ID and t.state.is_finished() for t in study.trials)
+    trials = study.get_trials(deepcopy=False)
+    return sum(t.user_attrs.get("worker") == WORKER_ID and t.state.is_finished() for t in trials)
 
 
 def _count(study: optuna.Study, state: TrialState) -> int:
