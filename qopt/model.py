@@ -21,23 +21,12 @@ from qopt.errors import QoptError, first_line
 
 # Leaf module name -> role, where the name alone decides it.
 _ROLE_BY_NAME = {
-    "q_proj": "q",
-    "k_proj": "k",
-    "v_proj": "v",
-    "o_proj": "o",
-    "out_proj": "o",
-    "gate_proj": "gate",
-    "up_proj": "up",
-    "down_proj": "down",
-    "fc1": "fc1",
-    "fc2": "fc2",
-    "c_fc": "fc1",
-    "c_attn": "qkv",
-    "query_key_value": "qkv",
-    "qkv_proj": "qkv",
-    "dense_h_to_4h": "fc1",
-    "dense_4h_to_h": "fc2",
-}
+    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "out_proj": "o",
+    "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
+    "fc1": "fc1", "fc2": "fc2", "c_fc": "fc1",
+    "c_attn": "qkv", "query_key_value": "qkv", "qkv_proj": "qkv",
+    "dense_h_to_4h": "fc1", "dense_4h_to_h": "fc2",
+}  # fmt: skip
 # Leaf names whose role depends on whether they sit in attention or in the MLP.
 _AMBIGUOUS = {"c_proj": ("o", "fc2"), "dense": ("o", "fc2")}
 

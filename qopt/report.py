@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import optuna
 import plotly.graph_objects as go
+from optuna.trial import FrozenTrial
 
 from qopt.study import FrontMember, StudyConfig, completed
 
@@ -25,25 +27,18 @@ def front_figure(study: optuna.Study, config: StudyConfig, members: Sequence[Fro
     front = sorted((t for t in study.best_trials if "baseline" not in t.user_attrs), key=lambda t: t.user_attrs["bpw"])
     fig = go.Figure()
     fig.add_trace(
-        go.Scatter(
-            x=[t.user_attrs["bpw"] for t in searched],
-            y=[t.values[0] for t in searched],
-            mode="markers",
-            name="searched strategies",
-            marker=dict(color="rgba(120,120,120,0.45)", size=6),
-            text=[f"trial {t.number}" for t in searched],
+        _trial_points(
+            searched, "searched strategies", mode="markers", marker=dict(color="rgba(120,120,120,0.45)", size=6)
         )
     )
     fig.add_trace(
-        go.Scatter(
-            x=[t.user_attrs["bpw"] for t in front],
-            y=[t.values[0] for t in front],
+        _trial_points(
+            front,
+            "Pareto front (search part)",
             mode="lines+markers",
             line_shape="hv",
-            name="Pareto front (search part)",
             marker=dict(color="#1f77b4", size=9),
-            text=[f"trial {t.number}" for t in front],
-        )
+        )  # fmt: skip
     )
     held_out = [m for m in members if m.baseline is None]
     if held_out and quality == "kl":
@@ -58,15 +53,14 @@ def front_figure(study: optuna.Study, config: StudyConfig, members: Sequence[Fro
             )
         )
     fig.add_trace(
-        go.Scatter(
-            x=[t.user_attrs["bpw"] for t in baselines],
-            y=[t.values[0] for t in baselines],
+        _trial_points(
+            baselines,
+            "human baselines (RTN)",
             mode="markers+text",
-            name="human baselines (RTN)",
+            textposition="top center",
             marker=dict(color="#d62728", size=12, symbol="diamond"),
             text=[t.user_attrs["baseline"].removeprefix("RTN ") for t in baselines],
-            textposition="top center",
-        )
+        )  # fmt: skip
     )
     if config.budget_bpw is not None:
         fig.add_vline(x=config.budget_bpw, line_dash="dash", annotation_text=f"budget {config.budget_bpw} bpw")
@@ -86,3 +80,9 @@ def front_figure(study: optuna.Study, config: StudyConfig, members: Sequence[Fro
         template="plotly_white",
     )
     return fig
+
+
+def _trial_points(trials: Sequence[FrozenTrial], name: str, **style: Any) -> go.Scatter:
+    """Trials as points at (true bpw, first objective), labelled with their numbers unless `text` is given."""
+    style.setdefault("text", [f"trial {t.number}" for t in trials])
+    return go.Scatter(x=[t.user_attrs["bpw"] for t in trials], y=[t.values[0] for t in trials], name=name, **style)

@@ -127,14 +127,13 @@ class SearchSpace:
         self.units = [u for u in units if u.role not in EDGE_ROLES]
         self.groups = _make_groups(self.units, config)
         self._n_weights = sum(g.n_weights for g in self.groups)
+        # Each group's parameter table depends only on the space: built once, read by every walk.
+        self._tables = {g.name: self._group_table(g) for g in self.groups}
 
     # ---- the conditional structure -------------------------------------
     def distributions(self) -> dict[str, BaseDistribution]:
         """Every parameter any genome can have, with its distribution."""
-        table: dict[str, BaseDistribution] = {}
-        for group in self.groups:
-            table.update(self._group_table(group))
-        return table
+        return {name: dist for table in self._tables.values() for name, dist in table.items()}
 
     def _group_table(self, group: GeneGroup) -> dict[str, BaseDistribution]:
         families = set(self.config.families)
@@ -165,7 +164,7 @@ class SearchSpace:
     def _walk(self, group: GeneGroup, pick) -> LayerConfig:
         """Build a group's config, asking `pick(gene, distribution)` for each gene
         that exists given the genes chosen before it."""
-        table = self._group_table(group)
+        table = self._tables[group.name]
         base = self.config.base
 
         def gene(name: str, fallback: Any) -> Any:
@@ -276,13 +275,13 @@ class SearchSpace:
 
         Half the time (when `defaults` are given, e.g. the human schemes that
         fit the budget) the default is one of them. Otherwise it is the base
-        config at a random bit-width (with a budget:
-        one of the widths up to the first above it), half the time with a
-        random scaling rule and a quarter of the time a random outlier policy.
-        Activations and arithmetic stay as in the base there, which keeps the
-        first generation out of regions that collapse the model (e.g. INT4
-        activations everywhere). A bit-width deviation is one step along the
-        ladder; other families are redrawn.
+        config at a random bit-width (with a budget: one of the widths up to
+        the first above it), half the time with a random scaling rule and a
+        quarter of the time a random outlier policy. Activations and
+        arithmetic stay as in the base there, which keeps the first generation
+        out of regions that collapse the model (e.g. INT4 activations
+        everywhere). A bit-width deviation is one step along the ladder;
+        other families are redrawn.
         """
         ladder = sorted(self.config.bits)
         if budget_bpw is not None:
@@ -315,8 +314,12 @@ class SearchSpace:
         ladder = sorted(self.config.bits)
         position = min(range(len(ladder)), key=lambda i: abs(ladder[i] - config.bits))
         new_bits = ladder[min(max(position + step, 0), len(ladder) - 1)]
-        genes = config.to_dict() if config.quantizes_weights else self.config.base.to_dict()
-        return self.repair({**genes, "bits": new_bits}, group)
+        return self.repair({**self._editable_genes(config), "bits": new_bits}, group)
+
+    def _editable_genes(self, config: LayerConfig) -> dict[str, Any]:
+        """`config`'s genes, to edit. A 16-bit config has none of its own: it
+        takes the base's, so an edit that quantizes it starts from the base."""
+        return config.to_dict() if config.quantizes_weights else {**self.config.base.to_dict(), "bits": 16}
 
     def random_config(self, group: GeneGroup, rng: np.random.RandomState) -> LayerConfig:
         def pick(_name: str, dist: BaseDistribution) -> Any:
@@ -339,7 +342,7 @@ class SearchSpace:
         """`config` with the genes `names` taken from `donor`, repaired."""
         if not donor.quantizes_weights and "bits" not in names:
             return config  # a 16-bit donor has none of these genes to give
-        genes = config.to_dict() if config.quantizes_weights else {**self.config.base.to_dict(), "bits": 16}
+        genes = self._editable_genes(config)
         for name in names:
             genes.pop(name, None)
             value = getattr(donor, name)
@@ -413,7 +416,7 @@ class SearchSpace:
     def _cheaper(self, config: LayerConfig, group: GeneGroup) -> list[LayerConfig]:
         """Configs one edit cheaper than `config` within this space."""
         searched = set(self.config.families)
-        genes = config.to_dict() if config.quantizes_weights else self.config.base.to_dict()
+        genes = self._editable_genes(config)
         options = []
         lower = [b for b in self.config.bits if b < config.bits]
         if "bits" in searched and lower:

@@ -191,20 +191,20 @@ def create(name: str, config: StudyConfig, url: str | None = None) -> optuna.Stu
     from qopt.model import load_skeleton
 
     storage = open_storage(url)
-    stored = _stored_config(storage, name)
+    stored, wanted = _stored_config(storage, name), config.to_dict()
     if stored is not None:
-        if stored != config.to_dict():
-            key = next(k for k in config.to_dict() if stored.get(k) != config.to_dict()[k])
+        if stored != wanted:
+            key = next(k for k in wanted if stored.get(k) != wanted[k])
             raise QoptError(f"study {name!r} already exists with a different config ({key} differs); pick another name")
         return optuna.load_study(study_name=name, storage=storage)
     space = SearchSpace(load_skeleton(config.model).units, config.search)
-    if config.budget_bpw is not None and config.budget_bpw < space.min_bpw():
+    floor = space.min_bpw()
+    if config.budget_bpw is not None and config.budget_bpw < floor:
         raise QoptError(
-            f"budget_bpw: {config.budget_bpw} is below the smallest bpw this search space can reach "
-            f"({space.min_bpw():.3f})"
+            f"budget_bpw: {config.budget_bpw} is below the smallest bpw this search space can reach ({floor:.3f})"
         )
     study = optuna.create_study(study_name=name, storage=storage, directions=["minimize"] * len(config.objectives))
-    study.set_user_attr(_CONFIG_ATTR, config.to_dict())
+    study.set_user_attr(_CONFIG_ATTR, wanted)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(config.objectives))
@@ -298,16 +298,12 @@ class SearchRun:
         trial.set_user_attr("seconds", metrics.seconds)
         return _objective_values(self.config.objectives, metrics)
 
-    def eval_metrics(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, float]:
-        """Evaluation-part metrics of a trial, computed once and stored in the study."""
-        key = f"{_EVAL_ATTR_PREFIX}{trial.number}"
-        if key not in study.user_attrs:
-            strategy = self.space.strategy(self.space.decode(trial.params))
-            m = self.evaluator.evaluate(strategy, "eval")
-            held_out = {"kl": m.kl, "ppl": m.ppl, "top1": m.top1, "fp_ppl": m.fp_ppl}
-            study.set_user_attr(key, held_out)
-            return held_out
-        return study.user_attrs[key]
+    def measure_held_out(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, float]:
+        """Measure a trial on the evaluation part and store the metrics in the study."""
+        m = self.evaluator.evaluate(self.space.strategy(self.space.decode(trial.params)), "eval")
+        held_out = {"kl": m.kl, "ppl": m.ppl, "top1": m.top1, "fp_ppl": m.fp_ppl}
+        study.set_user_attr(f"{_EVAL_ATTR_PREFIX}{trial.number}", held_out)
+        return held_out
 
 
 def launch(
@@ -480,10 +476,10 @@ def front(name: str, url: str | None = None, with_baselines: bool = True) -> lis
     run: SearchRun | None = None  # loaded only if some member's held-out metrics are missing
     members = []
     for trial in trials:
-        held_out = study.user_attrs.get(f"{_EVAL_ATTR_PREFIX}{trial.number}")
+        held_out = study.user_attrs.get(f"{_EVAL_ATTR_PREFIX}{trial.number}")  # measured once, then stored
         if held_out is None:
             run = run or SearchRun(config)
-            held_out = run.eval_metrics(study, trial)
+            held_out = run.measure_held_out(study, trial)
         members.append(
             FrontMember(
                 trial=trial.number,
