@@ -5,7 +5,10 @@ A quantized [out, in] matrix stores
 - one fp16 scale per block, and one fp16 zero point per block if asymmetric;
 - each kept outlier as an fp16 value plus its flat index (ceil(log2(out*in)) bits);
 - side data of the input transform: SmoothQuant's fp16 factor per input
-  channel. Rotations are regenerated from their size, so they cost nothing.
+  channel, and AWQ's fp16 scale per input channel (each stored; a deployment
+  that folds them into the preceding norm would not pay them, see
+  `qopt.quant.awq`). Rotations are regenerated from their size, so they cost
+  nothing. GPTQ and HQQ change the stored values, not what is stored.
 A 16-bit (unquantized) matrix costs 16 bits per weight.
 
 Model-level `bpw` is total bits / total weights over the linear layers of the
@@ -28,6 +31,7 @@ SCALE_BITS = 16
 ZERO_BITS = 16
 OUTLIER_VALUE_BITS = 16
 SMOOTH_FACTOR_BITS = 16
+AWQ_SCALE_BITS = 16
 UNQUANTIZED_BITS = 16
 
 
@@ -74,6 +78,8 @@ def layer_cost(out_features: int, in_features: int, config: LayerConfig) -> BitC
     if config.topk_fraction is not None:
         outliers = outlier_count(n, config.topk_fraction) * (OUTLIER_VALUE_BITS + index_bits(n))
     side = SMOOTH_FACTOR_BITS * in_features if config.outliers == "smooth" else 0
+    if config.rounding == "awq":
+        side += AWQ_SCALE_BITS * in_features
     return BitCost(
         n_weights=n,
         payload=config.bits * n,

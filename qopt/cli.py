@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -22,6 +23,8 @@ strategy_app = typer.Typer(help="Write, check and inspect strategy files.", no_a
 app.add_typer(strategy_app, name="strategy")
 study_app = typer.Typer(help="Create, run and read NSGA-II searches stored in an Optuna storage.", no_args_is_help=True)
 app.add_typer(study_app, name="study")
+baseline_app = typer.Typer(help="Measure human-designed schemes (RTN, GPTQ, AWQ, HQQ, ...) in qopt's harness.")
+app.add_typer(baseline_app, name="baseline")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hugging Face hub name or local model directory.")]
 DataOpt = Annotated[
@@ -157,6 +160,107 @@ def eval_command(
     ]
     for label, value in rows:
         typer.echo(f"{label:<11}{value}")
+
+
+@baseline_app.command("run")
+def baseline_run(
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Hub name or local model directory (default: the study's).")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", "-d", help="Text file, JSON list of strings, or hf:NAME (default: the study's)."),
+    ] = None,
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated: rtn, gptq, awq, hqq, smoothquant, quarot.")
+    ] = "rtn,gptq,awq,hqq,smoothquant,quarot",
+    bits: Annotated[str, typer.Option(help="Comma-separated weight bit-widths (2-8).")] = "2,3,4,8",
+    group: Annotated[int, typer.Option(help="Group size (16-256); 0 for one scale per output channel.")] = 128,
+    sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric INT grids (no zero points).")] = False,
+    study_name: Annotated[
+        str | None,
+        typer.Option(
+            "--study",
+            help="Measure with this study's model, data and split, and add each scheme its space can express "
+            "to the study as a completed baseline trial (plotted, and a seed for the search).",
+        ),
+    ] = None,
+    storage: StorageOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure human-designed schemes at several bit-widths: true bpw, KL on the search and
+    held-out parts, perplexity, seconds. Calibration (GPTQ, AWQ, SmoothQuant) uses the search part only."""
+    from qopt import baselines
+
+    chosen = baselines.schemes(
+        _csv(methods, "--methods", str), _csv(bits, "--bits", int), group_size=group or None, symmetric=sym
+    )
+    if study_name is not None:
+        from qopt import study
+
+        _, config = study.load(study_name, storage)
+        if model is not None or data is not None:
+            raise QoptError("--study measures on the study's own model and data; drop --model and --data")
+        run = study.SearchRun(dataclasses.replace(config, device=device or config.device))
+        evaluator = run.evaluator
+    else:
+        if model is None or data is None:
+            raise QoptError("give --model and --data, or --study NAME")
+        from qopt.data import load_text
+        from qopt.evaluate import EvalSettings, Evaluator
+        from qopt.model import load_model
+
+        text = load_text(data)
+        evaluator = Evaluator.from_text(load_model(model, device=device), text, EvalSettings())
+    if not as_json:
+        parts = evaluator.split
+        typer.echo(
+            f"{len(chosen)} schemes; calibration on {min(evaluator.settings.calib_windows, len(parts.search))} "
+            f"search windows; search KL on {len(parts.search)} windows, held out on {len(parts.eval)}, "
+            f"of {parts.eval.shape[1]} tokens each",
+            err=True,
+        )
+    header = (
+        f"{'method':<12}{'bits':>5} {'group':>6} {'bpw':>7} {'search KL':>10} {'eval KL':>9} {'eval ppl':>9} "
+        f"{'quant s':>8} {'s':>6}"
+    )
+    if not as_json:
+        typer.echo(header)
+    results = []
+    for result in baselines.run(evaluator, chosen):
+        results.append(result)
+        if not as_json:
+            r = result.row()
+            typer.echo(
+                f"{r['method']:<12}{r['bits']:>5} {r['group']:>6} {r['bpw']:>7.3f} {r['search_kl']:>10.4f} "
+                f"{r['eval_kl']:>9.4f} {r['eval_ppl']:>9.3f} {r['quantize_seconds']:>8.2f} {r['seconds']:>6.2f}"
+            )
+    rows = [r.row() for r in results]
+    if study_name is not None:
+        numbers = study.add_baselines(study_name, run, [(r.strategy, r.held_out) for r in results], storage)
+        for row, number in zip(rows, numbers, strict=True):
+            row["trial"] = number
+        if not as_json:
+            added = ", ".join(f"{r['name']} = trial {r['trial']}" for r in rows if r["trial"] is not None)
+            missing = ", ".join(r["name"] for r in rows if r["trial"] is None)
+            typer.echo(f"in study {study_name!r}: {added or 'none'}")
+            if missing:
+                typer.echo(f"not expressible in the study's search space: {missing}")
+    if as_json:
+        typer.echo(json.dumps(rows))
+
+
+def _csv(value: str, option: str, kind: type) -> list:
+    """A comma-separated option as a list of `kind`, with a one-line error naming the option."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        parsed = [kind(v) for v in items]
+    except ValueError:
+        raise QoptError(f"{option}: {value!r} is not a comma-separated list of {kind.__name__}s") from None
+    if not parsed:
+        raise QoptError(f"{option}: give at least one value")
+    return parsed
 
 
 @study_app.command("create")

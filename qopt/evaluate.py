@@ -58,6 +58,7 @@ class Metrics:
     fp_ppl: float  # the unquantized model's perplexity on the same windows
     tokens: int  # positions scored
     seconds: float  # quantization + forward passes for this strategy
+    quantize_seconds: float  # applying the strategy to the weights (part of `seconds`)
     embed_bpw: float
     head_bpw: float
     total_bytes: int
@@ -112,7 +113,7 @@ class Evaluator:
         """
         self.quantizer.plan(strategy)  # reject a bad strategy before any forward pass
         windows = self.split.part(part)
-        reference = self._reference(part)
+        reference = self.reference(part)
         start = time.perf_counter()
         with self.quantizer.applied(strategy, seed=self.settings.seed) as report:
             kl_sum, nll_sum, agree = 0.0, 0.0, 0
@@ -139,12 +140,14 @@ class Evaluator:
             fp_ppl=_ppl(reference.nll, windows),
             tokens=positions,
             seconds=seconds,
+            quantize_seconds=report.seconds,
             embed_bpw=cost.embed.bpw,
             head_bpw=cost.head.bpw,
             total_bytes=cost.total_bytes,
         )
 
-    def _reference(self, part: str) -> _Reference:
+    def reference(self, part: str) -> _Reference:
+        """The unquantized model's log-probs and NLL on `part` (computed once, then cached)."""
         if part not in self._references:
             windows = self.split.part(part)
             vocab = self.lm.model.get_output_embeddings().weight.shape[0]
@@ -178,9 +181,9 @@ class Evaluator:
                 logits = self.lm.model(input_ids=windows[idx].to(self.lm.device)).logits
                 yield idx, torch.log_softmax(logits.float(), dim=-1)
 
-    def _calibrate(self) -> ActivationStats:
+    def _calibrate(self, hessians: bool) -> ActivationStats:
         windows = self.split.search[: self.settings.calib_windows]
-        return collect_activation_stats(self.lm, windows, self.settings.batch_size)
+        return collect_activation_stats(self.lm, windows, self.settings.batch_size, hessians)
 
 
 def _nll(logprobs: torch.Tensor, ids: torch.Tensor) -> float:

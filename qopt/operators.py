@@ -9,7 +9,8 @@ LayerConfig per gene group) and returning a new, valid one:
 - `swap_layers`: exchange the configs of two gene groups;
 - `replace_scaling`: redraw one part of a group's scaling rule: the scale
   function (abs-max, MSE clip, percentile clip), the granularity, or the
-  symmetry;
+  symmetry; `replace_family` does the same for formats, the rounding method
+  (nearest, stochastic, GPTQ, AWQ, HQQ) and arithmetic;
 - `toggle_outliers`: switch a group's outlier policy off, or on to a random one;
 - `broadcast_genes`: copy one gene unit (say, the scale function) from a
   donor (one of the genome's own layers, or a random config) to every layer,
@@ -53,6 +54,7 @@ class VariationConfig:
     scaling_rate: float = 0.03
     outlier_rate: float = 0.03
     format_rate: float = 0.015
+    rounding_rate: float = 0.02
     arithmetic_rate: float = 0.01
 
     def __post_init__(self) -> None:
@@ -172,6 +174,7 @@ class GenomeVariation:
         genome = replace_scaling(genome, space, rng, c.scaling_rate)
         genome = toggle_outliers(genome, space, rng, c.outlier_rate)
         genome = replace_family(genome, space, rng, c.format_rate, "format")
+        genome = replace_family(genome, space, rng, c.rounding_rate, "rounding")
         genome = replace_family(genome, space, rng, c.arithmetic_rate, "arithmetic")
         if any(genome == p for p in parents):  # a clone teaches nothing: force one change
             genome = perturb_bits(genome, space, rng, 1.0 / len(space.groups))

@@ -38,11 +38,12 @@ class QuantReport:
 class Quantizer:
     """Puts strategies on one model, one at a time.
 
-    `calibrate` is called (once, lazily) when a strategy needs activation
-    statistics, i.e. uses smoothing.
+    `calibrate(hessians)` is called (once, lazily) when a strategy needs
+    activation statistics: smoothing needs abs-maxes, GPTQ and AWQ also need
+    Hessians (`hessians=True`).
     """
 
-    def __init__(self, lm: LoadedModel, calibrate: Callable[[], ActivationStats] | None = None) -> None:
+    def __init__(self, lm: LoadedModel, calibrate: Callable[[bool], ActivationStats] | None = None) -> None:
         self.lm = lm
         self._calibrate = calibrate
         self._stats: ActivationStats | None = None
@@ -63,7 +64,8 @@ class Quantizer:
         plan = self.plan(strategy)
         self.restore()
         smooths = any(c.outliers == "smooth" for c in plan.values() if c.quantizes_weights or c.quantizes_activations)
-        stats = self._activation_stats() if smooths else None
+        hessians = any(c.needs_hessian for c in plan.values())
+        stats = self.activation_stats(hessians) if smooths or hessians else None
         with torch.inference_mode():
             for unit in self.lm.units:
                 self._apply_unit(unit, plan[unit.name], stats, seed)
@@ -89,12 +91,16 @@ class Quantizer:
         finally:
             self.restore()
 
-    def _activation_stats(self) -> ActivationStats:
-        if self._stats is None:
+    def activation_stats(self, hessians: bool = False) -> ActivationStats:
+        """The calibration statistics (collected on first use, then cached); with
+        `hessians`, including every layer's input Hessian."""
+        if self._stats is None or (hessians and self._stats.hessian is None):
             if self._calibrate is None:
-                raise QoptError("this strategy uses smoothing, which needs calibration data; none was given")
+                raise QoptError(
+                    "this strategy uses smoothing, GPTQ or AWQ, which need calibration data; none was given"
+                )
             self.restore()
-            self._stats = self._calibrate()
+            self._stats = self._calibrate(hessians)
         return self._stats
 
     def _apply_unit(self, unit: QuantUnit, config: LayerConfig, stats: ActivationStats | None, seed: int) -> None:
@@ -103,7 +109,8 @@ class Quantizer:
             return
         w = unit.read_weight().float()
         act_absmax = stats.absmax.get(unit.name) if stats is not None else None
-        transform = input_transform(config, w, act_absmax)
+        hessian = stats.hessian.get(unit.name) if stats is not None and stats.hessian is not None else None
+        transform = input_transform(config, w, act_absmax, hessian)
         if config.quantizes_weights:
             generator = None
             if config.rounding == "stochastic":
@@ -111,7 +118,7 @@ class Quantizer:
                     seed * 1_000_003 + zlib.crc32(unit.name.encode())
                 )
             self._pristine[unit.name] = w.clone()
-            w = fake_quantize_weight(w, config, transform, generator)
+            w = fake_quantize_weight(w, config, transform, generator, hessian if config.needs_hessian else None)
             unit.write_weight(w)
         if needs_forward:
             unit.module.forward = types.MethodType(_emulated_forward(w, config, transform), unit.module)

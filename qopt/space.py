@@ -16,9 +16,10 @@ projections share a config). Within a group, genes are Optuna parameters named
       topk_fraction           only with topk;  smooth_alpha only with smooth
     act_format                none | int | fp
       act_bits                only with int activations (4 | 8)
-    accumulation, rounding
+    rounding                  nearest | stochastic | gptq | awq | hqq (hqq only on asymmetric int)
+    accumulation
 
-Gene *families* (bits, scaling, format, outliers, arithmetic) can be left out
+Gene *families* (bits, scaling, format, outliers, rounding, arithmetic) can be left out
 of a search; their genes then come from the config's `base` layer config. The
 walk over this structure is written once (`_walk`) and drives sampling from a
 trial, decoding stored params, encoding a genome, and random generation.
@@ -38,17 +39,18 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from qopt.bits import layer_cost
 from qopt.errors import QoptError
 from qopt.model import QuantUnit
-from qopt.strategy import EDGE_ROLES, FORMAT_BITS, FP16, LayerConfig, Strategy, drop_inactive_genes
+from qopt.strategy import EDGE_ROLES, FORMAT_BITS, FP16, ROUNDINGS, LayerConfig, Strategy, drop_inactive_genes
 
 RESOLUTIONS = ("module", "block", "role")
-FAMILIES = ("bits", "scaling", "format", "outliers", "arithmetic")
+FAMILIES = ("bits", "scaling", "format", "outliers", "rounding", "arithmetic")
 #: The genes of each family (what a family-level deviation or replacement redraws).
 FAMILY_GENES = {
     "bits": ("bits",),
     "scaling": ("granularity", "group_size", "symmetric", "scale", "clip_percentile"),
     "format": ("format", "act_format", "act_bits"),
     "outliers": ("outliers", "topk_fraction", "smooth_alpha"),
-    "arithmetic": ("accumulation", "rounding"),
+    "rounding": ("rounding",),
+    "arithmetic": ("accumulation",),
 }
 #: Genes that change together, the smallest unit a mutation or broadcast edits.
 GENE_UNITS = {
@@ -63,7 +65,7 @@ GENE_UNITS = {
 }
 UNIT_FAMILY = {
     "granularity": "scaling", "symmetric": "scaling", "scale": "scaling", "outliers": "outliers",
-    "format": "format", "activations": "format", "accumulation": "arithmetic", "rounding": "arithmetic",
+    "format": "format", "activations": "format", "accumulation": "arithmetic", "rounding": "rounding",
 }  # fmt: skip
 _FLOAT_RANGES = {
     "clip_percentile": (99.0, 99.99, False),
@@ -156,9 +158,10 @@ class SearchSpace:
             genes["outliers"] = CategoricalDistribution(("none", "topk", "smooth", "rotate"))
             genes["topk_fraction"] = _float("topk_fraction")
             genes["smooth_alpha"] = _float("smooth_alpha")
+        if "rounding" in families:
+            genes["rounding"] = CategoricalDistribution(ROUNDINGS)
         if "arithmetic" in families:
             genes["accumulation"] = CategoricalDistribution(("fp32", "fp16", "bf16"))
-            genes["rounding"] = CategoricalDistribution(("nearest", "stochastic"))
         return {f"{group.name}.{gene}": dist for gene, dist in genes.items()}
 
     def _walk(self, group: GeneGroup, pick) -> LayerConfig:
@@ -205,7 +208,8 @@ class SearchSpace:
 
         Fixes what operators can break: a format the bit-width lacks, an
         asymmetric float grid, a group wider than the group's layers, float
-        genes outside the searched ranges, genes of a 16-bit layer.
+        genes outside the searched ranges, HQQ on a grid without zero points
+        (it becomes round-to-nearest), genes of a 16-bit layer.
         """
         g = {k: v for k, v in genes.items() if v is not None}
         if g.get("bits", 16) == 16:
@@ -226,6 +230,8 @@ class SearchSpace:
             elif g.get("group_size") not in group.group_sizes:
                 wanted = g.get("group_size") or 128
                 g["group_size"] = min(group.group_sizes, key=lambda s: (abs(s - wanted), s))
+        if g.get("rounding") == "hqq" and (fmt != "int" or g.get("symmetric")):
+            g["rounding"] = "nearest"
         for name, (low, high, _) in _FLOAT_RANGES.items():
             if name in g:
                 g[name] = min(max(float(g[name]), low), high)

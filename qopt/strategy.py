@@ -14,7 +14,10 @@ families of qopt's research design:
    SmoothQuant-style migration with strength alpha, or a Hadamard rotation of
    the input dimension;
 5. approximate arithmetic: fp32 / fp16 / bf16 accumulation of K-chunk partial
-   sums, and nearest or stochastic rounding of weights.
+   sums;
+6. weight rounding: round-to-nearest, stochastic rounding, GPTQ (Hessian-based
+   error compensation), AWQ (activation-aware per-channel scaling) or HQQ
+   (half-quadratic zero-point optimisation, calibration-free).
 
 Some genes exist only under a condition (`group_size` only for group
 granularity, ...). Configs are kept canonical: a conditional gene is `None`
@@ -50,7 +53,9 @@ SMOOTH_ALPHA_RANGE = (0.0, 1.0)
 ACT_FORMATS = ("none", "int", "fp")
 ACT_BITS = {"int": (4, 8), "fp": (8,)}
 ACCUMULATIONS = ("fp32", "fp16", "bf16")
-ROUNDINGS = ("nearest", "stochastic")
+ROUNDINGS = ("nearest", "stochastic", "gptq", "awq", "hqq")
+#: Rounding methods that need the layer's input Hessian from calibration data.
+HESSIAN_ROUNDINGS = ("gptq", "awq")
 
 #: Roles that stay 16-bit unless a strategy names them explicitly.
 EDGE_ROLES = ("embed", "lm_head")
@@ -128,6 +133,10 @@ class LayerConfig:
         _check_choice("rounding", self.rounding, ROUNDINGS)
         if not isinstance(self.symmetric, bool):
             raise QoptError(f"symmetric: must be true or false, got {self.symmetric!r}")
+        if self.rounding == "hqq" and self.quantizes_weights and (self.format != "int" or self.symmetric):
+            raise QoptError(
+                "rounding: hqq optimises the zero points of an asymmetric INT grid; use format: int, symmetric: false"
+            )
         genes = dataclasses.asdict(self)
         for name, gene in _CONDITIONAL_GENES.items():
             present = genes[name] is not None
@@ -153,6 +162,11 @@ class LayerConfig:
     @property
     def quantizes_activations(self) -> bool:
         return self.act_format != "none"
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Whether quantizing this layer needs its input Hessian (GPTQ, AWQ)."""
+        return self.quantizes_weights and self.rounding in HESSIAN_ROUNDINGS
 
     def evolve(self, **changes: Any) -> LayerConfig:
         """This config with some genes changed, conditional genes kept consistent.
@@ -282,6 +296,10 @@ class Strategy:
             if unit.is_embedding and config.outliers in ("smooth", "rotate") and config.quantizes_weights:
                 raise QoptError(
                     f"{where}.outliers: {config.outliers} needs a matmul input; {unit.name} is an embedding"
+                )
+            if unit.is_embedding and config.needs_hessian:
+                raise QoptError(
+                    f"{where}.rounding: {config.rounding} needs a matmul input; {unit.name} is an embedding"
                 )
             plan[unit.name] = config
         return plan

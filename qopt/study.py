@@ -22,7 +22,7 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 from tqdm.auto import tqdm
 
+from qopt.baselines import label
 from qopt.errors import QoptError, first_line
 from qopt.evaluate import Collapsed, EvalSettings, Evaluator, Metrics
 from qopt.io import read_document
@@ -59,9 +60,10 @@ class StudyConfig:
     then `bpw`, then optionally `total_mib` (whole-model size, edges included).
     `budget_bpw` is a constraint: trials above it never enter the front.
     `collapse_kl` rejects a trial after one batch when its KL exceeds it.
-    `baselines` are uniform round-to-nearest strategies enqueued as the first
-    trials: each entry is a bit-width or a mapping of genes laid over the
-    search's `base` config (e.g. `{bits: 3, granularity: channel}`).
+    `baselines` are uniform strategies enqueued as the first trials: each
+    entry is a bit-width (round-to-nearest) or a mapping of genes laid over the
+    search's `base` config (e.g. `{bits: 3, granularity: channel}` or
+    `{bits: 3, rounding: gptq}`).
     """
 
     model: str
@@ -209,14 +211,57 @@ def create(name: str, config: StudyConfig, url: str | None = None) -> optuna.Stu
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(config.objectives))
     for strategy in baseline_strategies(config):
-        genome = space.genome_of(strategy)
-        if space.strategy(genome).resolve(space.units) == strategy.resolve(space.units):
-            study.enqueue_trial(space.encode(genome), user_attrs={"baseline": strategy.name})
+        _enqueue_baseline(study, space, strategy)
     return study
 
 
+def _enqueue_baseline(study: optuna.Study, space: SearchSpace, strategy: Strategy) -> dict[str, Any] | None:
+    """Enqueue `strategy` as a baseline trial unless the study holds it already.
+
+    Returns its params, or None when the space cannot express it exactly.
+    """
+    params = space.encode(space.genome_of(strategy))
+    # Compare what the stored params decode to: genes of families the space does not search come from its base.
+    if space.strategy(space.decode(params)).resolve(space.units) != strategy.resolve(space.units):
+        return None
+    if not any(t.params == params and "baseline" in t.user_attrs for t in study.get_trials(deepcopy=False)):
+        study.enqueue_trial(params, user_attrs={"baseline": strategy.name})
+    return params
+
+
+def add_baselines(
+    name: str, run: SearchRun, measured: Sequence[tuple[Strategy, Metrics]], url: str | None = None
+) -> list[int | None]:
+    """Add measured baselines to study `name`: seeds for its search, points on its plots.
+
+    Each strategy the study's space can express is enqueued (once) and then
+    run, with any other waiting baseline, through the study's own objective,
+    so its trial values are exactly what a worker would record. Its held-out
+    metrics (`measured`, from `run.evaluator`, the study's own split) are
+    stored with it. Returns each strategy's trial number, or None where the
+    space cannot express it.
+    """
+    storage = open_storage(url)
+    study, _ = _load_from(storage, name, url)
+    all_params = [_enqueue_baseline(study, run.space, strategy) for strategy, _ in measured]
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    if waiting:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study, _ = _load_from(storage, name, url, sampler=run.sampler(len(study.get_trials(deepcopy=False))))
+        study.optimize(run.objective, n_trials=waiting)
+    numbers: list[int | None] = []
+    for (_, held_out), params in zip(measured, all_params, strict=True):
+        match = [t.number for t in completed(study) if "baseline" in t.user_attrs and t.params == params]
+        number = match[0] if params is not None and match else None
+        if number is not None:
+            run.store_held_out(study, number, held_out)
+        numbers.append(number)
+    return numbers
+
+
 def baseline_strategies(config: StudyConfig) -> list[Strategy]:
-    """The configured uniform round-to-nearest strategies (no outliers, fp32, nearest)."""
+    """The configured uniform strategies: round-to-nearest with no outliers, fp32,
+    unless an entry names other genes (e.g. `{bits: 3, rounding: gptq}`)."""
     plain = {"outliers": "none", "act_format": "none", "accumulation": "fp32", "rounding": "nearest"}
     out = []
     for i, entry in enumerate(config.baselines):
@@ -228,7 +273,7 @@ def baseline_strategies(config: StudyConfig) -> list[Strategy]:
             layer = FP16.evolve(**drop_inactive_genes(merged))
         except QoptError as exc:
             raise QoptError(f"baselines[{i}].{exc}") from None
-        out.append(Strategy(default=layer, name=f"RTN {layer.describe()}"))
+        out.append(Strategy(default=layer, name=label(layer)))
     return out
 
 
@@ -301,8 +346,13 @@ class SearchRun:
     def measure_held_out(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, float]:
         """Measure a trial on the evaluation part and store the metrics in the study."""
         m = self.evaluator.evaluate(self.space.strategy(self.space.decode(trial.params)), "eval")
+        return self.store_held_out(study, trial.number, m)
+
+    @staticmethod
+    def store_held_out(study: optuna.Study, number: int, m: Metrics) -> dict[str, float]:
+        """Store a trial's metrics on the evaluation part in the study (read by `front`)."""
         held_out = {"kl": m.kl, "ppl": m.ppl, "top1": m.top1, "fp_ppl": m.fp_ppl}
-        study.set_user_attr(f"{_EVAL_ATTR_PREFIX}{trial.number}", held_out)
+        study.set_user_attr(f"{_EVAL_ATTR_PREFIX}{number}", held_out)
         return held_out
 
 

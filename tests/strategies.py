@@ -15,12 +15,14 @@ def layer_configs(draw, max_group: int = 256) -> LayerConfig:
     outliers = draw(st.sampled_from(["none", "topk", "smooth", "rotate"]))
     act = draw(st.sampled_from(["none", "int", "fp"]))
     scale = draw(st.sampled_from(["absmax", "mse", "percentile"]))
+    symmetric = True if fmt != "int" else draw(st.booleans())
+    roundings = ["nearest", "stochastic", "gptq", "awq"] + ([] if symmetric else ["hqq"])
     return LayerConfig(
         bits=bits,
         format=fmt,
         granularity=granularity,
         group_size=draw(st.integers(16, max_group)) if granularity == "group" else None,
-        symmetric=True if fmt != "int" else draw(st.booleans()),
+        symmetric=symmetric,
         scale=scale,
         clip_percentile=draw(st.floats(90.0, 100.0)) if scale == "percentile" else None,
         outliers=outliers,
@@ -29,7 +31,7 @@ def layer_configs(draw, max_group: int = 256) -> LayerConfig:
         act_format=act,
         act_bits=draw(st.sampled_from(ACT_BITS[act])) if act != "none" else None,
         accumulation=draw(st.sampled_from(["fp32", "fp16", "bf16"])),
-        rounding=draw(st.sampled_from(["nearest", "stochastic"])),
+        rounding=draw(st.sampled_from(roundings)),
     )
 
 

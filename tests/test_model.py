@@ -95,15 +95,18 @@ def test_smoothing_uses_calibration_statistics():
     split = random_split()
     calls = []
 
-    def calibrate():
-        calls.append(1)
-        return collect_activation_stats(lm, split.search)
+    def calibrate(hessians: bool):
+        calls.append(hessians)
+        return collect_activation_stats(lm, split.search, hessians=hessians)
 
     quantizer = Quantizer(lm, calibrate=calibrate)
     strategy = uniform(8, group_size=32, outliers="smooth", act_format="int")
     quantizer.apply(strategy)
     quantizer.apply(strategy)
-    assert calls == [1]  # computed once, then reused
+    assert calls == [False]  # computed once, then reused
+    quantizer.apply(uniform(4, group_size=32, rounding="gptq"))
+    quantizer.apply(strategy)
+    assert calls == [False, True]  # Hessians collected once, when first needed
     quantizer.restore()
     stats = collect_activation_stats(lm, split.search)
     assert set(stats.absmax) == {u.name for u in lm.units if not u.is_embedding}

@@ -46,6 +46,8 @@ def test_dict_round_trip_and_evolve_identity(config):
         ({"bits": 4, "act_bits": 8}, "act_bits"),
         ({"bits": 4, "accumulation": "fp8"}, "accumulation"),
         ({"bits": 4, "rounding": "up"}, "rounding"),
+        ({"bits": 4, "rounding": "hqq", "symmetric": True}, "rounding"),
+        ({"bits": 4, "format": "nf4", "rounding": "hqq"}, "rounding"),
         ({"bits": 4, "colour": "red"}, "colour"),
         ({"bits": "four"}, "bits"),
         ({"bits": 4, "symmetric": "yes"}, "symmetric"),

@@ -1,10 +1,10 @@
 """Outlier handling: keep the largest weights in 16 bits, migrate activation
 outliers into the weights (SmoothQuant), or rotate the input dimension.
 
-Smoothing and rotation are *input transforms*: an invertible map T on the
-layer's input dimension with x' = T(x), w' = w T^{-T}, so x' w'^T = x w^T. The
-weight is quantized in the transformed space; activations, when quantized, are
-too.
+Smoothing and rotation (and AWQ's scaling, see `qopt.quant.awq`) are *input
+transforms*: an invertible map T on the layer's input dimension with
+x' = T(x), w' = w T^{-T}, so x' w'^T = x w^T. The weight is quantized in the
+transformed space; activations, when quantized, are too.
 """
 
 from __future__ import annotations
@@ -32,14 +32,16 @@ def topk_mask(w: torch.Tensor, fraction: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class InputTransform:
-    """x' = (x / smooth) @ rotation; either part may be absent.
+    """x' = ((x / smooth) @ rotation) / scale; any part may be absent.
 
-    `smooth` is [in] (stored in fp16, so counted as side data), `rotation` is an
-    orthogonal [in, in] matrix that is regenerated, never stored.
+    `smooth` (SmoothQuant) and `scale` (AWQ) are [in], stored in fp16 and so
+    counted as side data; `rotation` is an orthogonal [in, in] matrix that is
+    regenerated, never stored.
     """
 
     smooth: torch.Tensor | None = None
     rotation: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
 
     def weight_forward(self, w: torch.Tensor) -> torch.Tensor:
         """[out, in] weight into the transformed space."""
@@ -47,9 +49,13 @@ class InputTransform:
             w = w * self.smooth
         if self.rotation is not None:
             w = w @ self.rotation
+        if self.scale is not None:
+            w = w * self.scale
         return w
 
     def weight_inverse(self, w: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            w = w / self.scale
         if self.rotation is not None:
             w = w @ self.rotation.T
         if self.smooth is not None:
@@ -62,14 +68,14 @@ class InputTransform:
             x = x / self.smooth
         if self.rotation is not None:
             x = x @ self.rotation
+        if self.scale is not None:
+            x = x / self.scale
         return x
 
-    def input_inverse(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rotation is not None:
-            x = x @ self.rotation.T
-        if self.smooth is not None:
-            x = x * self.smooth
-        return x
+    def hessian_forward(self, hessian: torch.Tensor) -> torch.Tensor:
+        """The input second moment X^T X / n ([in, in]) in the transformed space: M^T H M, M = T(I)."""
+        m = self.input_forward(torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype))
+        return m.T @ hessian @ m
 
 
 def smoothing_factors(act_absmax: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:

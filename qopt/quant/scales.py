@@ -70,15 +70,20 @@ def quantize_blocks(
     picks one range per block; scales and zero points are rounded to fp16, as
     they are stored.
     """
+    lo, hi = block_range(blocks, config)
+    return quantize_in_range(blocks, lo, hi, config, config.rounding == "stochastic", generator)
+
+
+def block_range(blocks: torch.Tensor, config: LayerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range [lo, hi] (each [n_blocks, 1]) that the config's scale rule picks per block."""
     if config.scale == "percentile":
         assert config.clip_percentile is not None
-        lo, hi = _percentile_range(blocks, config.clip_percentile / 100.0)
-    else:
-        lo, hi = _absmax_range(blocks)
-        if config.scale == "mse":
-            shrink = _mse_shrink(blocks, lo, hi, config)
-            lo, hi = lo * shrink, hi * shrink
-    return _quantize_in_range(blocks, lo, hi, config, config.rounding == "stochastic", generator)
+        return _percentile_range(blocks, config.clip_percentile / 100.0)
+    lo, hi = _absmax_range(blocks)
+    if config.scale == "mse":
+        shrink = _mse_shrink(blocks, lo, hi, config)
+        lo, hi = lo * shrink, hi * shrink
+    return lo, hi
 
 
 def _absmax_range(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,31 +100,42 @@ def _percentile_range(blocks: torch.Tensor, q: float) -> tuple[torch.Tensor, tor
     return torch.nan_to_num(lo), torch.nan_to_num(hi)
 
 
-def _quantize_in_range(
+def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric INT scale and integer zero point for the range [lo, hi] (as stored).
+
+    Codes are q = round(v / scale + zero) in [0, 2^bits - 1]; 0 maps exactly to `zero`.
+    """
+    qmin, qmax = int_range(bits, symmetric=False)
+    scale = stored_scale((hi - lo) / (qmax - qmin))
+    zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return scale, zero
+
+
+def quantize_in_range(
     blocks: torch.Tensor,
     lo: torch.Tensor,
     hi: torch.Tensor,
     config: LayerConfig,
-    stochastic: bool,
-    generator: torch.Generator | None,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Quantize blocks whose representable range is [lo, hi] (both [n_blocks, 1])."""
+    """Quantize blocks ([n, len], NaN = skip) whose representable range is [lo, hi]
+    (both [n, 1], or broadcastable); returns the dequantized values."""
     lo = lo.clamp(max=0.0)  # keep 0 exactly representable, as GPTQ and torchao do
     hi = hi.clamp(min=0.0)
     if config.format == "int":
         qmin, qmax = int_range(config.bits, config.symmetric)
         if config.symmetric:
-            scale = _stored(torch.maximum(-lo, hi) / ((qmax - qmin) / 2))
+            scale = stored_scale(torch.maximum(-lo, hi) / ((qmax - qmin) / 2))
             q = round_to_int(blocks / scale, qmin, qmax, stochastic, generator)
             out = q * scale
         else:
-            scale = _stored((hi - lo) / (qmax - qmin))
-            zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+            scale, zero = affine_params(lo, hi, config.bits)
             q = round_to_int(blocks / scale + zero, qmin, qmax, stochastic, generator)
             out = (q - zero) * scale
     else:
         levels = float_levels(config.format, config.bits).to(blocks.device)
-        scale = _stored(torch.maximum(-lo, hi) / grid_max(config.format, config.bits))
+        scale = stored_scale(torch.maximum(-lo, hi) / grid_max(config.format, config.bits))
         out = round_to_levels(blocks / scale, levels, stochastic, generator) * scale
     return torch.where(torch.isnan(blocks), blocks, out)
 
@@ -130,7 +146,7 @@ def _mse_shrink(blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, config
     best_err = torch.full((blocks.shape[0], 1), float("inf"), device=blocks.device)
     best = torch.ones_like(best_err)
     for factor in MSE_SHRINK_FACTORS:
-        hat = _quantize_in_range(blocks, lo * factor, hi * factor, config, False, None)
+        hat = quantize_in_range(blocks, lo * factor, hi * factor, config)
         err = ((hat - blocks) ** 2).masked_fill(~valid, 0.0).sum(dim=1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -138,6 +154,6 @@ def _mse_shrink(blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, config
     return best
 
 
-def _stored(scale: torch.Tensor) -> torch.Tensor:
+def stored_scale(scale: torch.Tensor) -> torch.Tensor:
     """A scale as it is stored: positive and rounded to fp16."""
     return scale.clamp(_FP16_TINY, _FP16_MAX).to(torch.float16).to(scale.dtype)

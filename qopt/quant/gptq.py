@@ -1,0 +1,83 @@
+"""GPTQ: quantize a weight matrix column by column, compensating each column's
+rounding error on the columns not yet quantized.
+
+Frantar et al. (2023), "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers", Algorithm 1, read beside the reference
+implementation (IST-DASLab/gptq): the inverse Hessian's upper Cholesky factor,
+lazy batch updates over blocks of columns, 1% dampening, dead inputs zeroed,
+no activation reordering. Group parameters are chosen when the sweep reaches a
+group, from the weights as updated so far; per-channel and per-tensor
+parameters from the whole matrix first. Any of qopt's grids and scale rules
+works, since a column is quantized by the same `quantize_in_range` as
+round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qopt.quant.scales import block_range, quantize_in_range, to_blocks
+from qopt.strategy import LayerConfig
+
+DAMP = 0.01
+BLOCK_COLUMNS = 128
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    config: LayerConfig,
+    kept: torch.Tensor | None = None,
+    damp: float = DAMP,
+) -> torch.Tensor:
+    """The fake-quantized [out, in] weight GPTQ stores for `w` ([out, in], fp32).
+
+    `hessian` is the layer-input second moment X^T X / n ([in, in]) in the same
+    basis as `w`; `kept` ([out, in] bool) marks weights kept in fp16: each is
+    stored as fp16 with the compensation it received from earlier columns, and
+    passes on only its fp16 rounding error.
+    """
+    w = w.clone().float()
+    h = hessian.clone().float().to(w.device)
+    n_cols = w.shape[1]
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(n_cols, device=w.device)
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+    group = config.group_size if config.granularity == "group" else None
+    if group is None:  # one range per row or for the whole tensor, from the matrix as it is
+        lo, hi = block_range(to_blocks(_masked(w, kept), config.granularity, None), config)
+        lo, hi = (lo, hi) if config.granularity == "channel" else (lo.expand(w.shape[0], 1), hi.expand(w.shape[0], 1))
+    # Blocks of whole groups, so a group's range is always read from up-to-date weights.
+    step = group * math.ceil(BLOCK_COLUMNS / group) if group else BLOCK_COLUMNS
+    q_all = torch.zeros_like(w)
+    for start in range(0, n_cols, step):
+        end = min(start + step, n_cols)
+        w_block = w[:, start:end].clone()
+        err_block = torch.zeros_like(w_block)
+        h_inv_block = h_inv[start:end, start:end]
+        for i in range(end - start):
+            if group and i % group == 0:
+                segment = w_block[:, i : i + group]
+                lo, hi = block_range(
+                    _masked(segment, None if kept is None else kept[:, start + i : start + i + group]), config
+                )
+            column = w_block[:, i : i + 1]
+            q = quantize_in_range(column, lo, hi, config)
+            if kept is not None:
+                q = torch.where(kept[:, start + i : start + i + 1], column.half().float(), q)
+            q_all[:, start + i] = q[:, 0]
+            err = (column - q) / h_inv_block[i, i]
+            w_block[:, i:] -= err @ h_inv_block[i : i + 1, i:]
+            err_block[:, i] = err[:, 0]
+        w[:, end:] -= err_block @ h_inv[start:end, end:]
+    return q_all
+
+
+def _masked(w: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+    """`w` with kept outliers as NaN, so they do not move a range."""
+    return w if kept is None else w.masked_fill(kept, float("nan"))
