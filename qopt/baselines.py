@@ -127,9 +127,7 @@ def run(evaluator: Evaluator, chosen: Iterable[Scheme]) -> Iterator[BaselineResu
     plans = [evaluator.quantizer.plan(s.strategy()) for s in chosen]  # reject a bad setting before any work
     for part in ("search", "eval"):
         evaluator.reference(part)
-    configs = [c for plan in plans for c in plan.values()]
-    if any(c.needs_hessian or c.outliers == "smooth" for c in configs):
-        evaluator.quantizer.activation_stats(hessians=any(c.needs_hessian for c in configs))
+    evaluator.quantizer.prepare(plans)
     for scheme in chosen:
         strategy = scheme.strategy()
         start = time.perf_counter()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import types
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -63,9 +63,7 @@ class Quantizer:
         start = time.perf_counter()
         plan = self.plan(strategy)
         self.restore()
-        smooths = any(c.outliers == "smooth" for c in plan.values() if c.quantizes_weights or c.quantizes_activations)
-        hessians = any(c.needs_hessian for c in plan.values())
-        stats = self.activation_stats(hessians) if smooths or hessians else None
+        stats = self.prepare([plan])
         with torch.inference_mode():
             for unit in self.lm.units:
                 self._apply_unit(unit, plan[unit.name], stats, seed)
@@ -90,6 +88,13 @@ class Quantizer:
             yield report
         finally:
             self.restore()
+
+    def prepare(self, plans: Sequence[dict[str, LayerConfig]]) -> ActivationStats | None:
+        """Collect, once, the calibration statistics any of these plans needs (None if none does)."""
+        configs = [c for plan in plans for c in plan.values()]
+        smooths = any(c.outliers == "smooth" for c in configs if c.quantizes_weights or c.quantizes_activations)
+        hessians = any(c.needs_hessian for c in configs)
+        return self.activation_stats(hessians) if smooths or hessians else None
 
     def activation_stats(self, hessians: bool = False) -> ActivationStats:
         """The calibration statistics (collected on first use, then cached); with
