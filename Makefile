@@ -38,8 +38,8 @@ demo: install
 	$(QOPT) study create $(STUDY) --config studies/stories260k.yaml
 	$(QOPT) study launch $(STUDY) --n-trials $(TRIALS)
 	$(QOPT) study front $(STUDY)
-	$(QOPT) study best $(STUDY) --max-bpw 3.25 -o $(RUNS)/$(STUDY)-best.yaml
-	$(QOPT) study plot $(STUDY) -o $(RUNS)/$(STUDY)-front.html
+	$(QOPT) export $(STUDY) --max-bpw 3.25 -o $(RUNS)/$(STUDY)-best
+	$(QOPT) study report $(STUDY) -o $(RUNS)/$(STUDY)-report.html
 
 bench: install
 	$(PY) scripts/bench_eval.py

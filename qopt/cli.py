@@ -110,34 +110,78 @@ def _head_label(head_bpw: float) -> str:
 
 @app.command("eval")
 def eval_command(
-    model: ModelOpt,
-    strategy: Annotated[Path, typer.Option("--strategy", "-s", help="Strategy file (.yaml or .json).")],
-    data: DataOpt,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", "-m", help="Hub name or local model directory (default with --checkpoint: its source)."
+        ),
+    ] = None,
+    strategy: Annotated[Path | None, typer.Option("--strategy", "-s", help="Strategy file (.yaml or .json).")] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", "-c", help="A directory written by `qopt export`: measure its packed weights."),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Text file, JSON list of strings, or hf:NAME[:CONFIG[:SPLIT]] (default with -c: its source).",
+        ),
+    ] = None,
     part: Annotated[str, typer.Option(help="search (what the search optimises on) or eval (held out).")] = "eval",
     windows: Annotated[
         int | None, typer.Option(help="Windows of that part to use (default: 16 search, 64 eval).")
     ] = None,
-    seq_len: Annotated[int, typer.Option(help="Tokens per window (capped by the model's context).")] = 512,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
-    seed: Annotated[int, typer.Option(help="Seed for window sampling and stochastic rounding.")] = 0,
+    seq_len: Annotated[
+        int | None, typer.Option(help="Tokens per window (capped by the model's context); default 512.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Windows per forward pass; default 8.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for window sampling and stochastic rounding; default 0.")
+    ] = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Quantize MODEL as a strategy says and measure KL, perplexity, top-1 and true bpw."""
+    """Quantize MODEL as a strategy says (or load an exported checkpoint) and measure KL,
+    perplexity, top-1 and true bpw against the unquantized model.
+
+    With --checkpoint, the model, data and evaluation settings default to those the
+    checkpoint was exported with, so the exported strategy's metrics are reproduced.
+    """
     from qopt.data import PARTS, load_text
     from qopt.evaluate import EvalSettings, Evaluator
+    from qopt.export import load_checkpoint, read_manifest, use_checkpoint
     from qopt.model import load_model
 
     if part not in PARTS:
         raise QoptError(f"--part must be one of {', '.join(PARTS)}, got {part!r}")
-    parsed = Strategy.load(strategy)
+    if (strategy is None) == (checkpoint is None):
+        raise QoptError("give exactly one of --strategy FILE or --checkpoint DIR")
+    settings = EvalSettings()
+    if checkpoint is not None:
+        manifest = read_manifest(checkpoint)
+        model = model or manifest["model"]
+        data = data or manifest.get("data")
+        settings = EvalSettings(**manifest.get("eval", {}))
+    if model is None:
+        raise QoptError("give --model")
+    if data is None:
+        raise QoptError("give --data (the checkpoint does not record its data)")
+    overrides = {"seq_len": seq_len, "batch_size": batch_size, "seed": seed}
+    if windows is not None:
+        overrides["search_windows" if part == "search" else "eval_windows"] = windows
+    settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     text = load_text(data)
     lm = load_model(model, device=device)
-    settings = EvalSettings(seq_len=seq_len, batch_size=batch_size, seed=seed)
-    if windows is not None:
-        key = "search_windows" if part == "search" else "eval_windows"
-        settings = EvalSettings(**{**settings.__dict__, key: windows})
     evaluator = Evaluator.from_text(lm, text, settings, progress=True)
+    if checkpoint is not None:
+        loaded = load_checkpoint(checkpoint, lm.device)
+        use_checkpoint(evaluator.quantizer, loaded)
+        parsed, label = loaded.strategy, f"checkpoint {checkpoint}"
+    else:
+        assert strategy is not None
+        parsed, label = Strategy.load(strategy), str(strategy)
     metrics = evaluator.evaluate(parsed, part)
     if as_json:
         typer.echo(json.dumps(metrics.to_dict()))
@@ -145,7 +189,7 @@ def eval_command(
     n_windows = len(evaluator.split.part(part))
     rows = [
         ("model", model),
-        ("strategy", f"{strategy} ({parsed.name or 'unnamed'})"),
+        ("strategy", f"{label} ({parsed.name or 'unnamed'})"),
         ("part", f"{part}: {n_windows} windows x {metrics.tokens // n_windows} tokens = {metrics.tokens} tokens"),
         ("bpw", f"{metrics.bpw:.3f} (block linear layers)"),
         ("edges", f"embed {metrics.embed_bpw:.3f} bpw, head {_head_label(metrics.head_bpw)}"),
@@ -158,8 +202,76 @@ def eval_command(
         ("top-1", f"{metrics.top1:.2%} agreement"),
         ("time", f"{metrics.seconds:.2f} s on {lm.device}"),
     ]
-    for label, value in rows:
-        typer.echo(f"{label:<11}{value}")
+    for row_label, value in rows:
+        typer.echo(f"{row_label:<11}{value}")
+
+
+@app.command("export")
+def export_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")],
+    name: Annotated[str | None, typer.Argument(help="Study name (with --trial).", show_default=False)] = None,
+    trial: Annotated[int | None, typer.Option("--trial", "-t", help="Trial number in the study.")] = None,
+    max_bpw: Annotated[
+        float | None, typer.Option(help="Instead of --trial: the study's best trial at or under this bpw.")
+    ] = None,
+    strategy: Annotated[
+        Path | None, typer.Option("--strategy", "-s", help="Or: a strategy file (with --model).")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model for --strategy.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", "-d", help="Calibration text for --strategy (needed by GPTQ, AWQ, smoothing)."),
+    ] = None,
+    storage: StorageOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Write a strategy as a packed checkpoint: strategy.yaml, model.safetensors (codes
+    bit-packed, fp16 scales/zeros/outliers), manifest.json, and llama-tensor-types.txt
+    (a llama-quantize --tensor-type override list, with the genes llama.cpp cannot express).
+
+    From a study: `qopt export NAME --trial T -o DIR` or `--max-bpw B` (its model, data
+    and settings). From a file: `qopt export --strategy FILE --model M [--data D] -o DIR`.
+    """
+    from qopt.data import load_text
+    from qopt.evaluate import EvalSettings, Evaluator
+    from qopt.export import export_checkpoint
+    from qopt.llamacpp import override_file, tensor_types
+    from qopt.model import load_model
+    from qopt.quantizer import Quantizer
+
+    if (name is None) == (strategy is None) or (name is not None and (trial is None) == (max_bpw is None)):
+        raise QoptError("give a study NAME with --trial T or --max-bpw B, or --strategy FILE with --model M")
+    if name is not None:
+        from qopt import study
+
+        if trial is None:
+            assert max_bpw is not None
+            trial = study.best(name, max_bpw, storage)[0].number
+        config, _, parsed = study.trial_strategy(name, trial, storage)
+        model, data, settings = config.model, config.data, config.eval
+    else:
+        assert strategy is not None
+        if model is None:
+            raise QoptError("--strategy needs --model")
+        parsed, settings = Strategy.load(strategy), EvalSettings()
+    lm = load_model(model, device=device)
+    if data is not None:
+        quantizer = Evaluator.from_text(lm, load_text(data), settings).quantizer
+    else:
+        quantizer = Quantizer(lm)
+    source = {"data": data, "eval": dataclasses.asdict(settings)} if data is not None else {}
+    manifest = export_checkpoint(quantizer, parsed, output, seed=settings.seed, source=source)
+    types = tensor_types(lm.units, quantizer.plan(parsed))
+    (output / "llama-tensor-types.txt").write_text(override_file(types, parsed.name or str(output)))
+    lost = sum(bool(t.lost) for t in types)
+    counted, stored = manifest["quantized_counted_bytes"], manifest["quantized_stored_bytes"]
+    typer.echo(f"wrote {output}: {parsed.name or 'strategy'} at {manifest['bpw']:.3f} bpw")
+    typer.echo(
+        f"quantized matrices: {stored:,} bytes stored, {counted:,} counted by true bpw "
+        f"({stored / counted - 1:+.2%}); other parameters {manifest['plain_stored_bytes']:,} bytes "
+        f"({manifest['plain_dtype']}); model.safetensors {manifest['file_bytes']:,} bytes"
+    )
+    typer.echo(f"llama-tensor-types.txt: {len(types)} tensors, {lost} with genes llama.cpp cannot express")
 
 
 @baseline_app.command("run")
@@ -271,11 +383,10 @@ def study_create(
 ) -> None:
     """Create a study from a config (idempotent) and enqueue its baselines as the first trials."""
     from qopt import study
+    from qopt.storage import redacted_url, storage_url
 
     created = study.create(name, study.StudyConfig.load(config), storage)
-    typer.echo(
-        f"study {name!r} ready in {study.redacted_url(study.storage_url(storage))}: {len(created.trials)} trials"
-    )
+    typer.echo(f"study {name!r} ready in {redacted_url(storage_url(storage))}: {len(created.trials)} trials")
 
 
 @study_app.command("launch")
@@ -302,6 +413,7 @@ def study_launch(
 
     if n_trials is None and timeout is None and until is None:
         raise QoptError("give --n-trials, --until or --timeout")
+    screened_before = study.status(name, storage)["screened"]
     try:
         done = study.launch(name, n_trials, timeout, storage, workers=workers, until=until, heartbeat=heartbeat)
     except KeyboardInterrupt:
@@ -313,7 +425,11 @@ def study_launch(
         )
         raise typer.Exit(130) from None
     info = study.status(name, storage)
-    typer.echo(f"{done} trials completed in this launch; {info['complete']} in all, {info['front']} on the front")
+    screened = info["screened"] - screened_before
+    typer.echo(
+        f"{done} trials completed in this launch ({screened} more screened out after their first batch); "
+        f"{info['complete']} in all, {info['front']} on the front"
+    )
 
 
 @study_app.command("status")
@@ -381,6 +497,38 @@ def study_plot(
     typer.echo(f"wrote {output}")
 
 
+@study_app.command("report")
+def study_report(
+    name: NameArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="HTML file to write.")] = Path("report.html"),
+    storage: StorageOpt = None,
+    held_out: Annotated[bool, typer.Option(help="Also evaluate the front on the evaluation part.")] = True,
+) -> None:
+    """What structure the search found: a self-contained HTML report (front; per-layer bits,
+    format, granularity, scale, outliers, rounding and activations across the front; gene
+    frequencies on the front vs the population; protected layers; each member against the
+    nearest baseline) and a short summary here."""
+    from qopt import study
+    from qopt.report import front_figure, structure_html
+    from qopt.structure import summary
+
+    members = study.front(name, storage) if held_out else []
+    optuna_study, config = study.load(name, storage)
+    found = study.structure(name, storage)
+    if not found.front:
+        raise QoptError(f"study {name!r} has no searched strategy on its feasible front yet; launch it first")
+    text = summary(found, config.objectives[0])
+    page = structure_html(
+        f"qopt study {name}", front_figure(optuna_study, config, members), found, text, config.objectives[0]
+    )
+    try:
+        output.write_text(page)
+    except OSError as exc:
+        raise QoptError(f"cannot write {output}: {exc.strerror}") from exc
+    typer.echo(text)
+    typer.echo(f"wrote {output}")
+
+
 @app.command("dashboard")
 def dashboard(
     storage: StorageOpt = None,
@@ -388,14 +536,14 @@ def dashboard(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
 ) -> None:
     """Serve optuna-dashboard on the study storage."""
-    from qopt import study
+    from qopt.storage import open_storage
 
     try:
         from optuna_dashboard import run_server
     except ImportError:
         raise QoptError("optuna-dashboard is not installed: pip install 'qopt[dashboard]'") from None
     typer.echo(f"optuna-dashboard on http://{host}:{port} (Ctrl-C to stop)")
-    run_server(study.open_storage(storage), host=host, port=port)
+    run_server(open_storage(storage), host=host, port=port)
 
 
 def main() -> None:

@@ -4,6 +4,8 @@ Weights are fake-quantized (quantized and dequantized back to fp32) so the
 model runs unchanged code; activation quantization and low-precision
 accumulation replace the forward of the affected modules. The pristine weights
 are kept, so the next strategy starts clean without reloading the model.
+With a weight cache, a (module, config) pair quantized before is not
+quantized again: the next strategy pays only for the layers that changed.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from qopt.bits import ModelCost, model_cost
+from qopt.cache import WeightCache, tensor_bytes
 from qopt.calibration import ActivationStats
 from qopt.errors import QoptError
 from qopt.model import LoadedModel, QuantUnit
-from qopt.quant import InputTransform, fake_quantize_activations, fake_quantize_weight, input_transform, lowprec_linear
+from qopt.quant import InputTransform, fake_quantize_activations, input_transform, lowprec_linear
+from qopt.quant.weight import QuantizedMatrix, quantize_weight
 from qopt.strategy import LayerConfig, Strategy
 
 
@@ -40,11 +44,15 @@ class Quantizer:
 
     `calibrate(hessians)` is called (once, lazily) when a strategy needs
     activation statistics: smoothing needs abs-maxes, GPTQ and AWQ also need
-    Hessians (`hessians=True`).
+    Hessians (`hessians=True`). `cache_bytes` bounds the memory kept for
+    quantized weights of earlier strategies (0: quantize every time).
     """
 
-    def __init__(self, lm: LoadedModel, calibrate: Callable[[bool], ActivationStats] | None = None) -> None:
+    def __init__(
+        self, lm: LoadedModel, calibrate: Callable[[bool], ActivationStats] | None = None, cache_bytes: int = 0
+    ) -> None:
         self.lm = lm
+        self.cache = WeightCache(cache_bytes)
         self._calibrate = calibrate
         self._stats: ActivationStats | None = None
         self._pristine: dict[str, torch.Tensor] = {}
@@ -105,6 +113,8 @@ class Quantizer:
                     "this strategy uses smoothing, GPTQ or AWQ, which need calibration data; none was given"
                 )
             self.restore()
+            # Same windows, same model: abs-maxes collected again with the Hessians are the same,
+            # so weights already cached (made with the abs-maxes, or with no statistics) stay valid.
             self._stats = self._calibrate(hessians)
         return self._stats
 
@@ -112,22 +122,59 @@ class Quantizer:
         needs_forward = config.quantizes_activations or config.accumulation != "fp32"
         if not config.quantizes_weights and not needs_forward:
             return
-        w = unit.read_weight().float()
-        act_absmax = stats.absmax.get(unit.name) if stats is not None else None
-        hessian = stats.hessian.get(unit.name) if stats is not None and stats.hessian is not None else None
-        transform = input_transform(config, w, act_absmax, hessian)
-        if config.quantizes_weights:
-            generator = None
-            if config.rounding == "stochastic":
-                generator = torch.Generator(device=w.device).manual_seed(
-                    seed * 1_000_003 + zlib.crc32(unit.name.encode())
-                )
+        w = unit.read_weight()
+        entry = self.cache.get(_cache_key(unit.name, config, seed))
+        if entry is None:
+            stored, transform = quantize_unit(unit.name, w.float(), config, stats, seed)
+            w_hat = None if stored is None else _original_basis(stored.values, transform).to(w.dtype)
+            entry = self.remember(unit.name, config, seed, w_hat, transform)
+        w_hat, transform = entry
+        if w_hat is not None:
             self._pristine[unit.name] = w.clone()
-            w = fake_quantize_weight(w, config, transform, generator, hessian if config.needs_hessian else None)
-            unit.write_weight(w)
+            unit.write_weight(w_hat)
         if needs_forward:
-            unit.module.forward = types.MethodType(_emulated_forward(w, config, transform), unit.module)
+            forward = _emulated_forward((w if w_hat is None else w_hat).float(), config, transform)
+            unit.module.forward = types.MethodType(forward, unit.module)
             self._patched.append(unit)
+
+    def remember(
+        self, name: str, config: LayerConfig, seed: int, w_hat: torch.Tensor | None, transform: InputTransform | None
+    ) -> tuple[torch.Tensor | None, InputTransform | None]:
+        """Keep module `name`'s weight under `config` (None: unchanged) and its input transform
+        in the weight cache, so applying that config again uses them instead of quantizing."""
+        held = (transform.smooth, transform.rotation, transform.scale) if transform is not None else ()
+        self.cache.put(_cache_key(name, config, seed), (w_hat, transform), tensor_bytes(w_hat, *held))
+        return w_hat, transform
+
+
+def _cache_key(name: str, config: LayerConfig, seed: int) -> tuple:
+    # Stochastic rounding draws from a generator seeded per (seed, module): part of the key.
+    return (name, config, seed if config.rounding == "stochastic" else None)
+
+
+def _original_basis(values: torch.Tensor, transform: InputTransform | None) -> torch.Tensor:
+    return transform.weight_inverse(values) if transform is not None else values
+
+
+def quantize_unit(
+    name: str, w: torch.Tensor, config: LayerConfig, stats: ActivationStats | None, seed: int
+) -> tuple[QuantizedMatrix | None, InputTransform | None]:
+    """Module `name`'s fp32 weight `w` ([out, in]) as `config` stores it (None for a
+    16-bit config), and the input transform it is stored in (None if none).
+
+    Stochastic rounding draws from a generator seeded by (`seed`, module name),
+    so a strategy quantizes the same way every time.
+    """
+    act_absmax = stats.absmax.get(name) if stats is not None else None
+    hessian = stats.hessian.get(name) if stats is not None and stats.hessian is not None else None
+    transform = input_transform(config, w, act_absmax, hessian)
+    if not config.quantizes_weights:
+        return None, transform
+    generator = None
+    if config.rounding == "stochastic":
+        generator = torch.Generator(device=w.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    stored = quantize_weight(w, config, transform, generator, hessian if config.needs_hessian else None)
+    return stored, transform
 
 
 def _emulated_forward(w: torch.Tensor, config: LayerConfig, transform: InputTransform | None):

@@ -137,7 +137,7 @@ class LayerConfig:
             raise QoptError(
                 "rounding: hqq optimises the zero points of an asymmetric INT grid; use format: int, symmetric: false"
             )
-        genes = dataclasses.asdict(self)
+        genes = self.genes()
         for name, gene in _CONDITIONAL_GENES.items():
             present = genes[name] is not None
             if gene.exists(genes) and not present:
@@ -168,16 +168,20 @@ class LayerConfig:
         """Whether quantizing this layer needs its input Hessian (GPTQ, AWQ)."""
         return self.quantizes_weights and self.rounding in HESSIAN_ROUNDINGS
 
+    def genes(self) -> dict[str, Any]:
+        """Gene name -> value, absent conditional genes as None (a flat, shallow `asdict`)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def evolve(self, **changes: Any) -> LayerConfig:
         """This config with some genes changed, conditional genes kept consistent.
 
         Genes that stop existing are dropped; genes that come into existence
         take their default unless given. Used by overrides and by mutations.
         """
-        return _build_config(dataclasses.asdict(self), changes, where="")
+        return _build_config(self.genes(), changes, where="")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return {k: v for k, v in self.genes().items() if v is not None}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base: LayerConfig | None = None, where: str = "") -> LayerConfig:
@@ -187,7 +191,7 @@ class LayerConfig:
         """
         if not isinstance(data, Mapping):
             raise QoptError(f"{where or 'layer config'}: expected a mapping of genes, got {type(data).__name__}")
-        start = dataclasses.asdict(base if base is not None else cls())
+        start = (base if base is not None else cls()).genes()
         return _build_config(start, dict(data), where)
 
     def describe(self) -> str:
@@ -394,7 +398,7 @@ def drop_inactive_genes(genes: Mapping[str, Any]) -> dict[str, Any]:
     Operators use it to turn an edited gene set into one `LayerConfig` accepts
     (e.g. `smooth_alpha` after outliers changed from smooth to none).
     """
-    full = {**dataclasses.asdict(FP16), **genes}
+    full = {**FP16.genes(), **genes}
     return {k: v for k, v in genes.items() if k not in _CONDITIONAL_GENES or _CONDITIONAL_GENES[k].exists(full)}
 
 

@@ -7,9 +7,7 @@ loads the model once, and runs NSGA-II trials. Every trial is rebuildable
 from the database alone: its params decode to a genome under the stored
 config's search space.
 
-Storage is an SQLAlchemy URL: a SQLite file by default (`runs/qopt.db`, or
-`$QOPT_STORAGE`), PostgreSQL for several workers
-(`postgresql+psycopg://user@host/db`).
+Storage (SQLite by default, PostgreSQL for several machines) is `qopt.storage`.
 """
 
 from __future__ import annotations
@@ -31,18 +29,17 @@ import optuna
 import sqlalchemy
 import torch
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.engine import make_url
 from tqdm.auto import tqdm
 
 from qopt.baselines import label
 from qopt.errors import QoptError, first_line
-from qopt.evaluate import Collapsed, EvalSettings, Evaluator, Metrics
+from qopt.evaluate import EvalSettings, Evaluator, Metrics, Rejected, Verdict
 from qopt.io import read_document
 from qopt.operators import GenomeSampler, VariationConfig
 from qopt.space import SearchConfig, SearchSpace
+from qopt.storage import open_storage, redacted_url, storage_url
 from qopt.strategy import FORMAT_BITS, FP16, LayerConfig, Strategy, drop_inactive_genes
 
-DEFAULT_STORAGE = "sqlite:///runs/qopt.db"
 #: Recorded on every trial: which machine and process ran it.
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 _DB_RETRIES = 4
@@ -60,6 +57,10 @@ class StudyConfig:
     then `bpw`, then optionally `total_mib` (whole-model size, edges included).
     `budget_bpw` is a constraint: trials above it never enter the front.
     `collapse_kl` rejects a trial after one batch when its KL exceeds it.
+    `screen_margin` is multi-fidelity screening: after the first batch
+    (`eval.screen_windows` windows) a trial stops if some completed trial
+    with no more bpw had a first-batch KL `screen_margin` times lower (0: off).
+    KL is the screening statistic whichever quality objective is searched.
     `baselines` are uniform strategies enqueued as the first trials: each
     entry is a bit-width (round-to-nearest) or a mapping of genes laid over the
     search's `base` config (e.g. `{bits: 3, granularity: channel}` or
@@ -73,6 +74,7 @@ class StudyConfig:
     population: int = 24
     seed: int = 0
     collapse_kl: float = 4.0
+    screen_margin: float = 1.25
     baselines: tuple[int | Mapping[str, Any], ...] = (2, 3, 4, 8)
     device: str | None = None
     eval: EvalSettings = field(default_factory=EvalSettings)
@@ -91,6 +93,8 @@ class StudyConfig:
             raise QoptError(f"population: {self.population} must be at least 2")
         if self.budget_bpw is not None and self.budget_bpw <= 0:
             raise QoptError(f"budget_bpw: {self.budget_bpw} must be positive")
+        if self.screen_margin != 0 and self.screen_margin < 1:
+            raise QoptError(f"screen_margin: {self.screen_margin} must be 0 (off) or at least 1")
         baseline_strategies(self)  # reject a malformed baseline now, naming it
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,60 +136,6 @@ class StudyConfig:
             if not Path(value).is_absolute() and not value.startswith("hf:") and candidate.exists():
                 resolved[key] = str(candidate)
         return dataclasses.replace(config, **resolved)
-
-
-# ---- storage ----------------------------------------------------------
-def storage_url(url: str | None = None) -> str:
-    """The URL to use: given, else $QOPT_STORAGE, else the SQLite default."""
-    return url or os.environ.get("QOPT_STORAGE") or DEFAULT_STORAGE
-
-
-def open_storage(url: str | None = None, heartbeat: int | None = None) -> optuna.storages.RDBStorage:
-    """An Optuna RDB storage for `url` (SQLite folders are created).
-
-    With `heartbeat` (seconds), running trials send heartbeats; a trial
-    silent for 3 heartbeats (its worker died) is failed by the next worker to
-    start a trial and re-queued once with the same params.
-    """
-    url = storage_url(url)
-    if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///") :])
-        path.parent.mkdir(parents=True, exist_ok=True)
-    # pre-ping replaces connections a database restart or a proxy closed; recycle ages them out
-    engine_kwargs = {} if url.startswith("sqlite") else {"pool_pre_ping": True, "pool_recycle": 300}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            liveness: dict[str, Any] = {}
-            if heartbeat is not None:
-                retry_once = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
-                liveness = dict(
-                    heartbeat_interval=heartbeat, grace_period=3 * heartbeat, heartbeat_stale_trial_callback=retry_once
-                )
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **liveness)
-    except Exception as exc:  # sqlalchemy raises many types for a bad or unreachable URL
-        raise QoptError(f"cannot open storage {redacted_url(url)}: {first_line(exc)}") from None
-    if url.startswith("sqlite"):
-        _speed_up_sqlite(storage.engine)
-    return storage
-
-
-def _speed_up_sqlite(engine) -> None:
-    """WAL journal, and fsync at checkpoints only.
-
-    Optuna commits every suggested parameter on its own; a full-genome trial
-    has hundreds, and with SQLite's defaults those commits were 80% of a
-    trial's time on stories260K. WAL keeps concurrent readers and writers.
-    """
-
-    @sqlalchemy.event.listens_for(engine, "connect")
-    def _pragmas(connection, _record) -> None:
-        cursor = connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
-    engine.dispose()  # connections opened before the listener reconnect with it
 
 
 def create(name: str, config: StudyConfig, url: str | None = None) -> optuna.Study:
@@ -325,23 +275,57 @@ class SearchRun:
 
     def objective(self, trial: optuna.Trial) -> tuple[float, ...]:
         trial.set_user_attr("worker", WORKER_ID)
+        # Read before this trial holds hundreds of params: the read includes running trials.
+        rivals = self._screen_rivals(trial.study) if self.config.screen_margin else []
         genome = self.space.sample(trial)
         bpw = self.space.bpw(genome)
         trial.set_user_attr("bpw", bpw)
         if self.config.budget_bpw is not None:
             trial.set_constraint("bpw_over_budget", bpw - self.config.budget_bpw)
         strategy = self.space.strategy(genome, name=f"trial {trial.number}")
-        # Baselines are reference points: measure them even when they collapse.
-        cap = None if "baseline" in trial.user_attrs else self.config.collapse_kl
+        # Baselines are reference points: measure them in full even when they collapse.
+        baseline = "baseline" in trial.user_attrs
+        cap = None if baseline else self.config.collapse_kl
+        verdict = None if baseline or not self.config.screen_margin else self._screen(rivals, bpw)
         try:
-            metrics = self.evaluator.evaluate(strategy, "search", collapse_kl=cap)
-        except Collapsed as exc:
+            metrics = self.evaluator.evaluate(strategy, "search", collapse_kl=cap, verdict=verdict)
+        except Rejected as exc:
             trial.set_user_attr("rejected", str(exc))
+            trial.set_user_attr("screen_kl", exc.kl)
+            trial.set_user_attr("fidelity", exc.tokens)
             raise optuna.TrialPruned(str(exc)) from None
         trial.set_user_attr("ppl", metrics.ppl)
         trial.set_user_attr("top1", metrics.top1)
         trial.set_user_attr("seconds", metrics.seconds)
+        trial.set_user_attr("screen_kl", metrics.screen_kl)
+        trial.set_user_attr("fidelity", metrics.tokens)
         return _objective_values(self.config.objectives, metrics)
+
+    @staticmethod
+    def _screen_rivals(study: optuna.Study) -> list[tuple[float, float, int]]:
+        """(first-batch KL, bpw, number) of every completed trial that recorded one."""
+        return [
+            (t.user_attrs["screen_kl"], t.user_attrs.get("bpw", float("inf")), t.number)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "screen_kl" in t.user_attrs
+        ]
+
+    def _screen(self, rivals: list[tuple[float, float, int]], bpw: float) -> Verdict:
+        """Stop a strategy whose first-batch KL is `screen_margin` times that of a completed
+        trial of no more bpw: it is clearly dominated. (First-batch KLs of all trials are
+        on the same windows, so the comparison is paired.)"""
+        best = min(((kl, number) for kl, rival_bpw, number in rivals if rival_bpw <= bpw), default=None)
+        margin = self.config.screen_margin
+
+        def verdict(kl: float) -> str | None:
+            if best is None or kl <= margin * best[0]:
+                return None
+            return (
+                f"screened out: first-batch KL {kl:.4g} > {margin:g} x {best[0]:.4g} "
+                f"of trial {best[1]}, which has no more bpw"
+            )
+
+        return verdict
 
     def measure_held_out(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, float]:
         """Measure a trial on the evaluation part and store the metrics in the study."""
@@ -547,17 +531,42 @@ def front(name: str, url: str | None = None, with_baselines: bool = True) -> lis
 
 def best(name: str, max_bpw: float, url: str | None = None) -> tuple[FrozenTrial, Strategy]:
     """The feasible trial with the best search-part quality at bpw <= `max_bpw`, as a Strategy."""
-    from qopt.model import load_skeleton
-
     study, config = load(name, url)
     budget = config.budget_bpw if config.budget_bpw is not None else float("inf")
     eligible = [t for t in completed(study) if t.user_attrs["bpw"] <= min(max_bpw, budget)]
     if not eligible:
         raise QoptError(f"no completed trial of study {name!r} has bpw <= {max_bpw}")
     trial = min(eligible, key=lambda t: t.values[0])
+    return trial, _strategy_of(name, config, trial)
+
+
+def trial_strategy(name: str, number: int, url: str | None = None) -> tuple[StudyConfig, FrozenTrial, Strategy]:
+    """Trial `number` of study `name` (any state that drew its genes), as a Strategy."""
+    study, config = load(name, url)
+    trials = study.get_trials(deepcopy=False)
+    trial = next((t for t in trials if t.number == number), None)
+    if trial is None:
+        raise QoptError(f"study {name!r} has no trial {number} (it has {len(trials)})")
+    if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+        raise QoptError(f"trial {number} of study {name!r} is {trial.state.name.lower()}, not measured")
+    return config, trial, _strategy_of(name, config, trial)
+
+
+def _strategy_of(name: str, config: StudyConfig, trial: FrozenTrial) -> Strategy:
+    from qopt.model import load_skeleton
+
     space = SearchSpace(load_skeleton(config.model).units, config.search)
-    strategy = space.strategy(space.decode(trial.params), name=f"{name} trial {trial.number}")
-    return trial, strategy
+    return space.strategy(space.decode(trial.params), name=f"{name} trial {trial.number}")
+
+
+def structure(name: str, url: str | None = None):
+    """The emergent structure of study `name`'s feasible front (`qopt.structure.Structure`)."""
+    from qopt.model import load_skeleton
+    from qopt.structure import analyse
+
+    study, config = load(name, url)
+    space = SearchSpace(load_skeleton(config.model).units, config.search)
+    return analyse(space, study.best_trials, completed(study))
 
 
 def completed(study: optuna.Study) -> list[FrozenTrial]:
@@ -565,7 +574,8 @@ def completed(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def status(name: str, url: str | None = None) -> dict[str, Any]:
-    """Counts by state, the front's size, and timing of a study."""
+    """Counts by state, the front's size, and timing of a study. `screened` trials
+    (pruned after their first batch by the multi-fidelity screen) are among the pruned."""
     study, config = load(name, url)
     trials = study.get_trials(deepcopy=False)
     done = completed(study)
@@ -579,6 +589,7 @@ def status(name: str, url: str | None = None) -> dict[str, Any]:
         **{state.name.lower(): sum(t.state == state for t in trials) for state in TrialState},
         "front": len(study.best_trials),
         "baselines": sum("baseline" in t.user_attrs for t in done),
+        "screened": sum("screened out" in t.user_attrs.get("rejected", "") for t in trials),
         "mean_trial_seconds": sum(durations) / len(durations) if durations else None,
         "generation": max((t.system_attrs.get("GenomeSampler:generation", 0) for t in trials), default=0),
     }
@@ -630,11 +641,3 @@ def _lists(data: Any) -> Any:
     if isinstance(data, (list, tuple)):
         return [_lists(v) for v in data]
     return data
-
-
-def redacted_url(url: str) -> str:
-    """`url` with any password replaced by ***."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]

@@ -128,3 +128,15 @@ def small_text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "stories.txt"
     path.write_text(TINYSTORIES.read_text()[:40_000])
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache_dir(tmp_path_factory):
+    """On-disk caches of the whole test session (and its subprocesses) go to a temporary folder."""
+    previous = os.environ.get("QOPT_CACHE_DIR")
+    os.environ["QOPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("qopt-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("QOPT_CACHE_DIR", None)
+    else:
+        os.environ["QOPT_CACHE_DIR"] = previous

@@ -24,6 +24,7 @@ from qopt import study as qstudy
 from qopt.errors import QoptError
 from qopt.evaluate import EvalSettings
 from qopt.space import SearchConfig
+from qopt.storage import redacted_url
 from qopt.strategy import FP16
 
 POSTGRES = os.environ.get("QOPT_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -35,7 +36,7 @@ def postgres() -> str:
         with sqlalchemy.create_engine(POSTGRES).connect():
             pass
     except Exception as exc:
-        pytest.skip(f"PostgreSQL not reachable at {qstudy.redacted_url(POSTGRES)}: {str(exc).splitlines()[0]}")
+        pytest.skip(f"PostgreSQL not reachable at {redacted_url(POSTGRES)}: {str(exc).splitlines()[0]}")
     return POSTGRES
 
 
@@ -56,6 +57,7 @@ def _config(tiny_llama_dir, small_text, search_windows=2) -> qstudy.StudyConfig:
         budget_bpw=3.5,
         population=8,
         collapse_kl=1e9,  # count every trial as completed, so counts are exact
+        screen_margin=0,
         eval=EvalSettings(seq_len=64, search_windows=search_windows, eval_windows=2, calib_windows=2, batch_size=2),
         search=SearchConfig(group_sizes=(16, 32), base=FP16.evolve(bits=4, group_size=32)),
     )
@@ -87,19 +89,29 @@ def _launch_cli(name, postgres, *args, via_env=False) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def _wait_for_running_trial_of(proc, postgres, name, timeout=120.0) -> int:
-    """Block until `proc` is in the middle of a trial (after it completed two); return that trial's number."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _freeze_in_trial(proc, postgres, name, timeout=120.0) -> int:
+    """Stop `proc` (SIGSTOP) in the middle of a trial, after it completed two; return that
+    trial's number. Trials take milliseconds, so the process is frozen before each look
+    and let run only briefly between looks."""
+
+    def ours():
         trials = optuna.load_study(study_name=name, storage=postgres).trials
-        ours = [t for t in trials if t.user_attrs.get("worker", "").endswith(f":{proc.pid}")]
-        if sum(t.state == TrialState.COMPLETE for t in ours) >= 2:
-            running = [t for t in ours if t.state == TrialState.RUNNING]
-            if running:
-                return running[0].number
+        return [t for t in trials if t.user_attrs.get("worker", "").endswith(f":{proc.pid}")]
+
+    deadline = time.monotonic() + timeout
+    while sum(t.state == TrialState.COMPLETE for t in ours()) < 2:
         assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the worker never completed two trials"
         time.sleep(0.05)
-    raise AssertionError("the worker never started a trial")
+    while time.monotonic() < deadline:
+        proc.send_signal(signal.SIGSTOP)
+        running = [t for t in ours() if t.state == TrialState.RUNNING]
+        if running:
+            return running[0].number
+        proc.send_signal(signal.SIGCONT)
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.005)
+    raise AssertionError("never caught the worker inside a trial")
 
 
 def test_killed_worker_trial_fails_and_is_retried(postgres, name, tiny_llama_dir, small_text):
@@ -107,7 +119,7 @@ def test_killed_worker_trial_fails_and_is_retried(postgres, name, tiny_llama_dir
     victim = _launch_cli(name, postgres, "--until", "40", "--heartbeat", "1")
     survivor = _launch_cli(name, postgres, "--until", "40", "--heartbeat", "1", via_env=True)
     try:
-        killed_trial = _wait_for_running_trial_of(victim, postgres, name)
+        killed_trial = _freeze_in_trial(victim, postgres, name)
         victim.send_signal(signal.SIGKILL)
         victim.wait()
         _, err = survivor.communicate(timeout=300)
@@ -131,8 +143,9 @@ def test_sigterm_stops_a_worker_cleanly(postgres, name, tiny_llama_dir, small_te
     qstudy.create(name, _config(tiny_llama_dir, small_text, search_windows=8), postgres)
     worker = _launch_cli(name, postgres, "--n-trials", "500", "--heartbeat", "1")
     try:
-        _wait_for_running_trial_of(worker, postgres, name)
+        _freeze_in_trial(worker, postgres, name)
         worker.send_signal(signal.SIGTERM)
+        worker.send_signal(signal.SIGCONT)
         _, err = worker.communicate(timeout=60)
     finally:
         if worker.poll() is None:

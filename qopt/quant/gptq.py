@@ -31,8 +31,11 @@ def gptq_quantize(
     config: LayerConfig,
     kept: torch.Tensor | None = None,
     damp: float = DAMP,
-) -> torch.Tensor:
-    """The fake-quantized [out, in] weight GPTQ stores for `w` ([out, in], fp32).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fake-quantized [out, in] weight GPTQ stores for `w` ([out, in], fp32), and
+    the range [lo, hi] each block's grid was built from (each [n_blocks, 1], in
+    `to_blocks` order: GPTQ reads a group's range from the updated weights, so
+    it cannot be recomputed from `w`).
 
     `hessian` is the layer-input second moment X^T X / n ([in, in]) in the same
     basis as `w`; `kept` ([out, in] bool) marks weights kept in fp16: each is
@@ -51,7 +54,10 @@ def gptq_quantize(
     group = config.group_size if config.granularity == "group" else None
     if group is None:  # one range per row or for the whole tensor, from the matrix as it is
         lo, hi = block_range(to_blocks(_masked(w, kept), config.granularity, None), config)
+        ranges = [(lo, hi)]
         lo, hi = (lo, hi) if config.granularity == "channel" else (lo.expand(w.shape[0], 1), hi.expand(w.shape[0], 1))
+    else:
+        ranges = []
     # Blocks of whole groups, so a group's range is always read from up-to-date weights.
     step = group * math.ceil(BLOCK_COLUMNS / group) if group else BLOCK_COLUMNS
     q_all = torch.zeros_like(w)
@@ -66,6 +72,7 @@ def gptq_quantize(
                 lo, hi = block_range(
                     _masked(segment, None if kept is None else kept[:, start + i : start + i + group]), config
                 )
+                ranges.append((lo, hi))
             column = w_block[:, i : i + 1]
             q = quantize_in_range(column, lo, hi, config)
             if kept is not None:
@@ -75,7 +82,9 @@ def gptq_quantize(
             w_block[:, i:] -= err @ h_inv_block[i : i + 1, i:]
             err_block[:, i] = err[:, 0]
         w[:, end:] -= err_block @ h_inv[start:end, end:]
-    return q_all
+    lo_all = torch.cat([lo for lo, _ in ranges], dim=1).reshape(-1, 1)  # [out, n_groups] row-major = to_blocks
+    hi_all = torch.cat([hi for _, hi in ranges], dim=1).reshape(-1, 1)
+    return q_all, lo_all, hi_all
 
 
 def _masked(w: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:

@@ -55,20 +55,34 @@ def optimize_zero(
     return zero
 
 
-def hqq_quantize_in_range(
+def hqq_grid(
     blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, config: LayerConfig
-) -> torch.Tensor:
-    """Asymmetric INT fake quantization of `blocks` ([n, len], NaN = skip) whose
-    initial range is [lo, hi] ([n, 1]), with HQQ-optimised zero points.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block (scale, zero point) of HQQ for `blocks` ([n, len], NaN = skip) whose
+    initial range is [lo, hi] ([n, 1]): the range's scale, an optimised fractional zero.
 
-    The scale stays the range's (stored in fp16); the zero point is fractional,
-    stored in fp16 like every zero point qopt counts.
+    Both stored in fp16, like every scale and zero point qopt counts.
     """
     assert config.format == "int" and not config.symmetric
     _, qmax = int_range(config.bits, symmetric=False)
     lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
     scale = stored_scale((hi - lo) / qmax)
     zero = optimize_zero(blocks, 1.0 / scale, -lo / scale, qmax)
-    zero = zero.to(torch.float16).to(blocks.dtype)
+    return scale, zero.to(torch.float16).to(blocks.dtype)
+
+
+def hqq_quantize_in_range(
+    blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, config: LayerConfig
+) -> torch.Tensor:
+    """Asymmetric INT fake quantization of `blocks` ([n, len], NaN = skip) on the HQQ grid
+    (`hqq_grid`); returns the dequantized values."""
+    return quantize_on_grid(blocks, *hqq_grid(blocks, lo, hi, config), config)
+
+
+def quantize_on_grid(
+    blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: LayerConfig
+) -> torch.Tensor:
+    """Round `blocks` to the nearest point of an asymmetric INT grid with a fractional zero."""
+    _, qmax = int_range(config.bits, symmetric=False)
     q = torch.round(blocks / scale + zero).clamp(0, qmax)
     return torch.where(torch.isnan(blocks), blocks, (q - zero) * scale)

@@ -111,6 +111,19 @@ def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.
     return scale, zero
 
 
+def grid_params(lo: torch.Tensor, hi: torch.Tensor, config: LayerConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-block (scale, zero point) of the grid covering [lo, hi] (both [n, 1]), as
+    stored: fp16-valued scales; integer zero points for asymmetric INT, else None."""
+    lo = lo.clamp(max=0.0)  # keep 0 exactly representable, as GPTQ and torchao do
+    hi = hi.clamp(min=0.0)
+    if config.format == "int":
+        if not config.symmetric:
+            return affine_params(lo, hi, config.bits)
+        qmin, qmax = int_range(config.bits, symmetric=True)
+        return stored_scale(torch.maximum(-lo, hi) / ((qmax - qmin) / 2)), None
+    return stored_scale(torch.maximum(-lo, hi) / grid_max(config.format, config.bits)), None
+
+
 def quantize_in_range(
     blocks: torch.Tensor,
     lo: torch.Tensor,
@@ -121,23 +134,48 @@ def quantize_in_range(
 ) -> torch.Tensor:
     """Quantize blocks ([n, len], NaN = skip) whose representable range is [lo, hi]
     (both [n, 1], or broadcastable); returns the dequantized values."""
-    lo = lo.clamp(max=0.0)  # keep 0 exactly representable, as GPTQ and torchao do
-    hi = hi.clamp(min=0.0)
+    scale, zero = grid_params(lo, hi, config)
     if config.format == "int":
         qmin, qmax = int_range(config.bits, config.symmetric)
-        if config.symmetric:
-            scale = stored_scale(torch.maximum(-lo, hi) / ((qmax - qmin) / 2))
-            q = round_to_int(blocks / scale, qmin, qmax, stochastic, generator)
-            out = q * scale
+        if zero is None:
+            out = round_to_int(blocks / scale, qmin, qmax, stochastic, generator) * scale
         else:
-            scale, zero = affine_params(lo, hi, config.bits)
-            q = round_to_int(blocks / scale + zero, qmin, qmax, stochastic, generator)
-            out = (q - zero) * scale
+            out = (round_to_int(blocks / scale + zero, qmin, qmax, stochastic, generator) - zero) * scale
     else:
         levels = float_levels(config.format, config.bits).to(blocks.device)
-        scale = stored_scale(torch.maximum(-lo, hi) / grid_max(config.format, config.bits))
         out = round_to_levels(blocks / scale, levels, stochastic, generator) * scale
     return torch.where(torch.isnan(blocks), blocks, out)
+
+
+def grid_codes(
+    values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, config: LayerConfig
+) -> torch.Tensor:
+    """The unsigned codes (int64, in [0, 2^bits)) of dequantized grid `values`
+    ([n, len] blocks, NaN = not on the grid: code 0), given each block's grid."""
+    on_grid = values.nan_to_num(0.0)
+    if config.format == "int":
+        qmin, _ = int_range(config.bits, config.symmetric)
+        q = torch.round(on_grid / scale) if zero is None else torch.round(on_grid / scale + zero)
+        codes = q - qmin
+    else:
+        levels = float_levels(config.format, config.bits).to(values.device)  # sorted ascending
+        x = (on_grid / scale).contiguous()
+        upper = torch.searchsorted(levels, x).clamp(1, len(levels) - 1)
+        codes = torch.where((x - levels[upper - 1]).abs() <= (levels[upper] - x).abs(), upper - 1, upper)
+    return codes.masked_fill(torch.isnan(values), 0).to(torch.int64)
+
+
+def grid_values(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, config: LayerConfig
+) -> torch.Tensor:
+    """Inverse of `grid_codes`: the dequantized fp32 values of codes ([n, len] blocks),
+    computed exactly as quantization computed them."""
+    if config.format == "int":
+        qmin, _ = int_range(config.bits, config.symmetric)
+        q = (codes + qmin).float()
+        return q * scale if zero is None else (q - zero) * scale
+    levels = float_levels(config.format, config.bits).to(codes.device)
+    return levels[codes] * scale
 
 
 def _mse_shrink(blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, config: LayerConfig) -> torch.Tensor:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from qopt.quant.awq import awq_scale
 from qopt.quant.gptq import gptq_quantize
-from qopt.quant.hqq import hqq_quantize_in_range
+from qopt.quant.hqq import hqq_grid, quantize_on_grid
 from qopt.quant.outliers import InputTransform, rotation_matrix, smoothing_factors, topk_mask
-from qopt.quant.scales import block_range, from_blocks, quantize_blocks, to_blocks
+from qopt.quant.scales import block_range, from_blocks, grid_params, quantize_in_range, to_blocks
 from qopt.strategy import LayerConfig
 
 
@@ -39,7 +41,7 @@ def input_transform(
             raise ValueError("AWQ needs the layer's input Hessian from calibration data")
         basis_w = transform.weight_forward(w.float())
         basis_h = transform.hessian_forward(hessian.to(w.device))
-        scale = awq_scale(basis_w, basis_h, lambda s: _quantize_matrix(basis_w * s, config) / s)
+        scale = awq_scale(basis_w, basis_h, lambda s: quantize_matrix(basis_w * s, config).values / s)
         transform = InputTransform(smooth=smooth, rotation=rotation, scale=scale)
     if smooth is None and rotation is None and transform.scale is None:
         return None
@@ -54,45 +56,74 @@ def fake_quantize_weight(
     hessian: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Simulate storing `w` ([out, in]) as `config` says; returns the fp32 weight the
-    quantized model computes with.
-
-    Order: input transform (smoothing, rotation, AWQ scale) -> top-k outliers
-    set aside in fp16 -> rounding (nearest, stochastic, HQQ per block; GPTQ
-    column by column with `hessian`, [in, in], in the untransformed basis) ->
-    back to the original basis. A 16-bit config returns `w` unchanged.
+    quantized model computes with (`quantize_weight`, then back to the original
+    basis). A 16-bit config returns `w` unchanged.
     """
     if not config.quantizes_weights:
         return w
+    values = quantize_weight(w, config, transform, generator, hessian).values
+    return transform.weight_inverse(values) if transform is not None else values
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    config: LayerConfig,
+    transform: InputTransform | None = None,
+    generator: torch.Generator | None = None,
+    hessian: torch.Tensor | None = None,
+) -> QuantizedMatrix:
+    """`w` ([out, in]) as stored: in the transformed basis, what `quantize_matrix` keeps.
+
+    Order: input transform (smoothing, rotation, AWQ scale) -> top-k outliers
+    set aside in fp16 -> rounding (nearest, stochastic, HQQ per block; GPTQ
+    column by column with `hessian`, [in, in], given in the untransformed basis).
+    """
     w = w.float()
     if transform is not None:
         w = transform.weight_forward(w)
         if hessian is not None:
             hessian = transform.hessian_forward(hessian.to(w.device))
-    w_hat = _quantize_matrix(w, config, generator, hessian)
-    if transform is not None:
-        w_hat = transform.weight_inverse(w_hat)
-    return w_hat
+    return quantize_matrix(w, config, generator, hessian)
 
 
-def _quantize_matrix(
+@dataclass(frozen=True)
+class QuantizedMatrix:
+    """An [out, in] matrix as quantized, in the basis it was quantized in.
+
+    `values`: the dequantized fp32 weights (kept outliers as their fp16 values);
+    `scale`, `zero`: each block's grid ([n_blocks, 1], fp16-valued; `zero` None
+    for symmetric and float grids); `kept`: [out, in] bool mask of outliers, or None.
+    """
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    kept: torch.Tensor | None
+
+
+def quantize_matrix(
     w: torch.Tensor,
     config: LayerConfig,
     generator: torch.Generator | None = None,
     hessian: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> QuantizedMatrix:
     """Quantize [out, in] `w` in the basis it is given in (outliers, blocks, rounding)."""
     kept = topk_mask(w, config.topk_fraction) if config.topk_fraction is not None else None
     if config.rounding == "gptq":
         if hessian is None:
             raise ValueError("GPTQ needs the layer's input Hessian from calibration data")
-        return gptq_quantize(w, hessian, config, kept)
+        values, lo, hi = gptq_quantize(w, hessian, config, kept)
+        return QuantizedMatrix(values, *grid_params(lo, hi, config), kept)
     to_quantize = w.masked_fill(kept, float("nan")) if kept is not None else w
     blocks = to_blocks(to_quantize, config.granularity, config.group_size)
+    lo, hi = block_range(blocks, config)
     if config.rounding == "hqq":
-        blocks = hqq_quantize_in_range(blocks, *block_range(blocks, config), config)
+        scale, zero = hqq_grid(blocks, lo, hi, config)
+        blocks = quantize_on_grid(blocks, scale, zero, config)
     else:
-        blocks = quantize_blocks(blocks, config, generator)
-    w_hat = from_blocks(blocks, w.shape)
+        scale, zero = grid_params(lo, hi, config)
+        blocks = quantize_in_range(blocks, lo, hi, config, config.rounding == "stochastic", generator)
+    values = from_blocks(blocks, w.shape)
     if kept is not None:
-        w_hat = torch.where(kept, w.half().float(), w_hat)
-    return w_hat
+        values = torch.where(kept, w.half().float(), values)
+    return QuantizedMatrix(values, scale, zero, kept)

@@ -1,0 +1,201 @@
+"""Where studies live: an Optuna RDB storage behind an SQLAlchemy URL.
+
+A SQLite file by default (`runs/qopt.db`, or `$QOPT_STORAGE`), PostgreSQL for
+several workers on several machines (`postgresql+psycopg://user@host/db`).
+
+Optuna writes every suggested parameter in a transaction of its own, and a
+full-genome trial suggests hundreds (about 300 on stories260K). On a small
+model those commits, not the numerics, were most of a trial's time, and over
+a network each is a round trip. `BatchedParamStorage` collects a running
+trial's parameters and writes them in one transaction, before anything else
+touches that trial.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections.abc import Container, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy
+from optuna.distributions import (
+    BaseDistribution,
+    check_distribution_compatibility,
+    distribution_to_json,
+    json_to_distribution,
+)
+from optuna.storages import RDBStorage
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session  # commit once, roll back on error
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
+
+from qopt.errors import QoptError, first_line
+
+DEFAULT_STORAGE = "sqlite:///runs/qopt.db"
+
+
+def storage_url(url: str | None = None) -> str:
+    """The URL to use: given, else $QOPT_STORAGE, else the SQLite default."""
+    return url or os.environ.get("QOPT_STORAGE") or DEFAULT_STORAGE
+
+
+def redacted_url(url: str) -> str:
+    """`url` with any password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+def open_storage(url: str | None = None, heartbeat: int | None = None, batched: bool = True) -> RDBStorage:
+    """An Optuna RDB storage for `url` (SQLite folders are created).
+
+    With `heartbeat` (seconds), running trials send heartbeats; a trial
+    silent for 3 heartbeats (its worker died) is failed by the next worker to
+    start a trial and re-queued once with the same params. `batched=False`
+    gives Optuna's plain storage (one transaction per parameter).
+    """
+    url = storage_url(url)
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///") :])
+        path.parent.mkdir(parents=True, exist_ok=True)
+    # pre-ping replaces connections a database restart or a proxy closed; recycle ages them out
+    engine_kwargs = {} if url.startswith("sqlite") else {"pool_pre_ping": True, "pool_recycle": 300}
+    kind = BatchedParamStorage if batched else RDBStorage
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            liveness: dict[str, Any] = {}
+            if heartbeat is not None:
+                retry_once = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+                liveness = dict(
+                    heartbeat_interval=heartbeat, grace_period=3 * heartbeat, heartbeat_stale_trial_callback=retry_once
+                )
+            storage = kind(url, engine_kwargs=engine_kwargs, **liveness)
+    except Exception as exc:  # sqlalchemy raises many types for a bad or unreachable URL
+        raise QoptError(f"cannot open storage {redacted_url(url)}: {first_line(exc)}") from None
+    if url.startswith("sqlite"):
+        _speed_up_sqlite(storage.engine)
+    return storage
+
+
+class BatchedParamStorage(RDBStorage):
+    """An RDBStorage that writes a running trial's parameters in one transaction.
+
+    Suggested parameters wait in memory until the trial is next read or
+    written in any other way (its first user attribute, its state, a read of
+    it or of all trials), then go to the database together. Other workers
+    see a trial's parameters once it has them all; the sampler only ever
+    reads finished trials. Hooks into Optuna's `_set_trial_param` (the method
+    its cached storage calls for every suggestion): checks a distribution
+    against the study's at once, as Optuna does, and writes the same rows as
+    Optuna's per-parameter path, with one trial lookup.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending: dict[int, list[tuple[str, float, BaseDistribution]]] = {}
+        self._pending_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[Any, Any]:
+        self.flush()
+        state = super().__getstate__()
+        state.pop("_pending_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        self._pending_lock = threading.Lock()
+
+    def _set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: BaseDistribution,
+        previous_distribution: BaseDistribution | None,
+    ) -> None:
+        # Checked now, as Optuna does, so a bad suggestion fails inside the objective.
+        previous = previous_distribution or self._stored_distribution(trial_id, param_name)
+        if previous is not None:
+            check_distribution_compatibility(previous, distribution)
+        with self._pending_lock:
+            self._pending.setdefault(trial_id, []).append((param_name, param_value_internal, distribution))
+
+    def flush(self, trial_id: int | None = None) -> None:
+        """Write the waiting parameters of `trial_id` (of every trial if None)."""
+        with self._pending_lock:
+            ids = list(self._pending) if trial_id is None else [trial_id]
+            batches = [(i, self._pending.pop(i)) for i in ids if i in self._pending]
+        for tid, params in batches:
+            with _create_scoped_session(self.scoped_session, True) as session:
+                trial = models.TrialModel.find_or_raise_by_id(tid, session)
+                self.check_trial_is_updatable(tid, trial.state)
+                rows = [
+                    {"trial_id": tid, "param_name": n, "param_value": v, "distribution_json": distribution_to_json(d)}
+                    for n, v, d in params
+                ]
+                session.execute(sqlalchemy.insert(models.TrialParamModel), rows)  # one executemany
+
+    def _stored_distribution(self, trial_id: int, name: str) -> BaseDistribution | None:
+        """The distribution an earlier trial of the same study stored for parameter `name`, if any.
+        (Asked once per parameter name per process: Optuna's cache passes it afterwards.)"""
+        with _create_scoped_session(self.scoped_session) as session:
+            study_id = models.TrialModel.find_or_raise_by_id(trial_id, session).study_id
+            record = (
+                session.query(models.TrialParamModel)
+                .join(models.TrialModel)
+                .filter(models.TrialModel.study_id == study_id)
+                .filter(models.TrialParamModel.param_name == name)
+                .first()
+            )
+            return None if record is None else json_to_distribution(record.distribution_json)
+
+    # Everything else that reads or writes one trial sees its parameters first.
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        self.flush(trial_id)
+        return super().get_trial(trial_id)
+
+    def get_trial_param(self, trial_id: int, param_name: str) -> float:
+        self.flush(trial_id)
+        return super().get_trial_param(trial_id, param_name)
+
+    def get_all_trials(
+        self, study_id: int, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        self.flush()
+        return super().get_all_trials(study_id, deepcopy=deepcopy, states=states)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        self.flush(trial_id)
+        return super().set_trial_state_values(trial_id, state, values)
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        self.flush(trial_id)
+        super().set_trial_intermediate_value(trial_id, step, intermediate_value)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self.flush(trial_id)
+        super().set_trial_user_attr(trial_id, key, value)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self.flush(trial_id)
+        super().set_trial_system_attr(trial_id, key, value)
+
+
+def _speed_up_sqlite(engine) -> None:
+    """WAL journal (concurrent readers and writers), and fsync at checkpoints only."""
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _pragmas(connection, _record) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    engine.dispose()  # connections opened before the listener reconnect with it

@@ -1,0 +1,59 @@
+"""BatchedParamStorage: one transaction for a trial's parameters, the same rows as Optuna's."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import sqlalchemy
+
+from qopt.storage import BatchedParamStorage, open_storage
+
+N_PARAMS = 40
+
+
+def _objective(trial: optuna.Trial) -> float:
+    values = [trial.suggest_categorical(f"g{i}", ["a", "b", "c"]) for i in range(N_PARAMS)]
+    trial.set_user_attr("first", values[0])
+    x = trial.suggest_float("x", 0.0, 1.0)  # suggested after a flush: waits for the next one
+    return x + values.count("a")
+
+
+def _commits(storage) -> list[int]:
+    counter = [0]
+    sqlalchemy.event.listen(storage.engine, "commit", lambda _conn: counter.__setitem__(0, counter[0] + 1))
+    return counter
+
+
+def _run(url: str, batched: bool) -> float:
+    """Five trials of `_objective`; returns the database commits per trial after the first
+    (which also looks up each parameter's earlier distribution)."""
+    storage = open_storage(url, batched=batched)
+    assert isinstance(storage, BatchedParamStorage) == batched
+    study = optuna.create_study(study_name=f"batched={batched}", storage=storage)
+    study.sampler = optuna.samplers.RandomSampler(seed=0)
+    study.optimize(_objective, n_trials=1)
+    commits = _commits(storage)
+    study.optimize(_objective, n_trials=4)
+    return commits[0] / 4
+
+
+def test_params_stored_as_optuna_stores_them_in_one_transaction(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    batched, plain = _run(url, batched=True), _run(url, batched=False)
+    assert plain - batched >= N_PARAMS - 1  # one commit where Optuna makes one per parameter
+    # Read back with Optuna's own storage: every parameter, its value and distribution, as Optuna wrote them.
+    reader = open_storage(url, batched=False)
+    trials = {
+        name: optuna.load_study(study_name=name, storage=reader).trials for name in ("batched=True", "batched=False")
+    }
+    for ours, optunas in zip(trials["batched=True"], trials["batched=False"], strict=True):
+        assert ours.params == optunas.params and ours.distributions == optunas.distributions
+        assert len(ours.params) == N_PARAMS + 1 and ours.user_attrs["first"] == ours.params["g0"]
+        assert ours.value == optunas.value
+
+
+def test_an_incompatible_distribution_is_still_refused(tmp_path):
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    with pytest.raises(ValueError, match="[Cc]annot set different distribution"):
+        study.optimize(lambda t: float(t.suggest_categorical("x", ["a", "b"]) == "a"), n_trials=1)
