@@ -409,26 +409,28 @@ def study_launch(
 
     The same command on other machines, with the same --storage, joins the same study.
     """
+    from optuna.trial import TrialState
+
     from qopt import study
+    from qopt.storage import count_trials
 
     if n_trials is None and timeout is None and until is None:
         raise QoptError("give --n-trials, --until or --timeout")
-    screened_before = study.status(name, storage)["screened"]
+    handle, _ = study.load(name, storage)  # counts below are database counts: no trial is read
+    screened_before = count_trials(handle, rejected_prefix=study.SCREENED)
     try:
         done = study.launch(name, n_trials, timeout, storage, workers=workers, until=until, heartbeat=heartbeat)
     except KeyboardInterrupt:
-        info = study.status(name, storage)
         typer.echo(
-            f"interrupted: the study has {info['complete']} completed trials; the running one was marked "
-            f"failed. Launch again to continue.",
+            f"interrupted: the study has {count_trials(handle, TrialState.COMPLETE)} completed trials; the running "
+            "one was marked failed. Launch again to continue.",
             err=True,
         )
         raise typer.Exit(130) from None
-    info = study.status(name, storage)
-    screened = info["screened"] - screened_before
+    screened = count_trials(handle, rejected_prefix=study.SCREENED) - screened_before
     typer.echo(
         f"{done} trials completed in this launch ({screened} more screened out after their first batch); "
-        f"{info['complete']} in all, {info['front']} on the front"
+        f"{count_trials(handle, TrialState.COMPLETE)} in all. See the front with `qopt study front {name}`."
     )
 
 

@@ -20,7 +20,8 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from qopt.evaluate import EvalSettings, Evaluator, Metrics, Rejected, Verdict
 from qopt.io import read_document
 from qopt.operators import GenomeSampler, VariationConfig
 from qopt.space import SearchConfig, SearchSpace
-from qopt.storage import open_storage, redacted_url, storage_url
+from qopt.storage import count_trials, open_storage, redacted_url, storage_url
 from qopt.strategy import FORMAT_BITS, FP16, LayerConfig, Strategy, drop_inactive_genes
 
 #: Recorded on every trial: which machine and process ran it.
@@ -47,6 +48,8 @@ QUALITY_OBJECTIVES = ("kl", "ppl")
 EXTRA_OBJECTIVES = ("total_mib",)
 _CONFIG_ATTR = "qopt:config"
 _EVAL_ATTR_PREFIX = "qopt:eval:"
+#: How the `rejected` user attribute of a trial stopped by the multi-fidelity screen begins.
+SCREENED = "screened out"
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,8 @@ class SearchRun:
         self.lm = load_model(config.model, device=config.device)
         self.evaluator = Evaluator.from_text(self.lm, load_text(config.data), config.eval, progress=progress)
         self.space = SearchSpace(self.lm.units, config.search)
+        #: Context of each evaluation: where a worker's stop signal may interrupt (see `_Stop`).
+        self.evaluation: Callable[[], AbstractContextManager[None]] = nullcontext
 
     def sampler(self, n_existing: int) -> GenomeSampler:
         # The uniform baselines that fit the budget seed the structured first generation.
@@ -288,7 +293,8 @@ class SearchRun:
         cap = None if baseline else self.config.collapse_kl
         verdict = None if baseline or not self.config.screen_margin else self._screen(rivals, bpw)
         try:
-            metrics = self.evaluator.evaluate(strategy, "search", collapse_kl=cap, verdict=verdict)
+            with self.evaluation():
+                metrics = self.evaluator.evaluate(strategy, "search", collapse_kl=cap, verdict=verdict)
         except Rejected as exc:
             trial.set_user_attr("rejected", str(exc))
             trial.set_user_attr("screen_kl", exc.kl)
@@ -321,7 +327,7 @@ class SearchRun:
             if best is None or kl <= margin * best[0]:
                 return None
             return (
-                f"screened out: first-batch KL {kl:.4g} > {margin:g} x {best[0]:.4g} "
+                f"{SCREENED}: first-batch KL {kl:.4g} > {margin:g} x {best[0]:.4g} "
                 f"of trial {best[1]}, which has no more bpw"
             )
 
@@ -360,7 +366,7 @@ def launch(
     if workers < 1:
         raise QoptError(f"--workers must be at least 1, got {workers}")
     study, _ = load(name, url)  # fail fast on a bad name or storage, before any process starts
-    before = _count(study, TrialState.COMPLETE)
+    before = count_trials(study, TrialState.COMPLETE)
     job = _Job(name, url, n_trials, timeout, until, heartbeat, progress)
     if workers == 1:
         _run_worker(job)
@@ -370,7 +376,7 @@ def launch(
             shares = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
         threads = max(1, (os.cpu_count() or 1) // workers)  # share the cores instead of oversubscribing
         _run_pool([dataclasses.replace(job, n_trials=s, progress=False, threads=threads) for s in shares], progress)
-    return _count(load(name, url)[0], TrialState.COMPLETE) - before
+    return count_trials(study, TrialState.COMPLETE) - before
 
 
 @dataclass(frozen=True)
@@ -390,23 +396,68 @@ class _Job:
 def _run_worker(job: _Job) -> None:
     """One worker: load the model once, then run trials until told to stop.
 
-    SIGTERM is turned into KeyboardInterrupt, on which Optuna marks the running
-    trial failed, so a stopped worker never leaves a trial RUNNING. Transient
-    database errors are retried with backoff, resuming the remaining trials.
+    SIGTERM and Ctrl-C stop the worker without leaving a trial RUNNING or half
+    written (`_Stop`). Transient database errors are retried with backoff,
+    resuming the remaining trials.
     """
     if job.threads is not None:
         torch.set_num_threads(job.threads)
-    previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    stop = _Stop()
+    previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        _work(job)
+        _work(job, stop)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _work(job: _Job) -> None:
+class _Stop:
+    """Turns a stop signal into KeyboardInterrupt at a safe point.
+
+    While a trial's strategy is being evaluated (numerics only) the interrupt
+    is immediate, and Optuna marks the trial failed. Anywhere else (a database
+    write, Optuna's bookkeeping) it waits for the next evaluation or the next
+    trial's start, so no trial is left RUNNING or half written.
+    """
+
+    def __init__(self) -> None:
+        self.interruptible = False
+        self.requested = False
+
+    def handle(self, _signum, _frame) -> None:
+        if self.interruptible:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Where a stop signal may interrupt at once."""
+        if self.requested:
+            raise KeyboardInterrupt
+        self.interruptible = True
+        try:
+            yield
+        finally:
+            self.interruptible = False
+
+    def guard(
+        self, objective: Callable[[optuna.Trial], tuple[float, ...]]
+    ) -> Callable[[optuna.Trial], tuple[float, ...]]:
+        """`objective`, failing at its start if a stop was requested between trials."""
+
+        def guarded(trial: optuna.Trial) -> tuple[float, ...]:
+            if self.requested:
+                raise KeyboardInterrupt
+            return objective(trial)
+
+        return guarded
+
+
+def _work(job: _Job, stop: _Stop) -> None:
     storage = open_storage(job.url, job.heartbeat)
     study, config = _load_from(storage, job.name, job.url)
     run = SearchRun(config)
+    run.evaluation = stop.evaluation
     callbacks = [optuna.study.MaxTrialsCallback(job.until, states=(TrialState.COMPLETE,))] if job.until else []
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.monotonic()
@@ -420,11 +471,14 @@ def _work(job: _Job) -> None:
         if job.until is not None and _count(study, TrialState.COMPLETE) >= job.until:
             return
         try:
-            study, _ = _load_from(
-                storage, job.name, job.url, sampler=run.sampler(len(study.get_trials(deepcopy=False)))
-            )
+            # A new sampler on the loaded study: loading it again would re-read every trial.
+            study.sampler = run.sampler(len(study.get_trials(deepcopy=False)))
             study.optimize(
-                run.objective, n_trials=remaining, timeout=left, callbacks=callbacks, show_progress_bar=job.progress
+                stop.guard(run.objective),
+                n_trials=remaining,
+                timeout=left,
+                callbacks=callbacks,
+                show_progress_bar=job.progress,
             )
             return
         except sqlalchemy.exc.OperationalError as exc:
@@ -456,13 +510,13 @@ def _run_pool(jobs: list[_Job], progress: bool) -> None:
     name, url = jobs[0].name, jobs[0].url
     try:
         study, _ = load(name, url)
-        start = _count(study, TrialState.COMPLETE)
+        start = count_trials(study, TrialState.COMPLETE)
         shares = [job.n_trials for job in jobs]
         total = sum(s for s in shares if s is not None) if None not in shares else None
         with tqdm(total=total, desc=f"{len(procs)} workers", disable=not progress) as bar:
             while any(p.is_alive() for p in procs):
                 time.sleep(1.0)
-                bar.n = _count(study, TrialState.COMPLETE) - start
+                bar.n = count_trials(study, TrialState.COMPLETE) - start
                 bar.refresh()
     except KeyboardInterrupt:
         for proc in procs:
@@ -589,7 +643,7 @@ def status(name: str, url: str | None = None) -> dict[str, Any]:
         **{state.name.lower(): sum(t.state == state for t in trials) for state in TrialState},
         "front": len(study.best_trials),
         "baselines": sum("baseline" in t.user_attrs for t in done),
-        "screened": sum("screened out" in t.user_attrs.get("rejected", "") for t in trials),
+        "screened": sum(t.user_attrs.get("rejected", "").startswith(SCREENED) for t in trials),
         "mean_trial_seconds": sum(durations) / len(durations) if durations else None,
         "generation": max((t.system_attrs.get("GenomeSampler:generation", 0) for t in trials), default=0),
     }

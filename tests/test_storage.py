@@ -5,8 +5,9 @@ from __future__ import annotations
 import optuna
 import pytest
 import sqlalchemy
+from optuna.trial import TrialState
 
-from qopt.storage import BatchedParamStorage, open_storage
+from qopt.storage import BatchedParamStorage, count_trials, open_storage
 
 N_PARAMS = 40
 
@@ -57,3 +58,22 @@ def test_an_incompatible_distribution_is_still_refused(tmp_path):
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
     with pytest.raises(ValueError, match="[Cc]annot set different distribution"):
         study.optimize(lambda t: float(t.suggest_categorical("x", ["a", "b"]) == "a"), n_trials=1)
+
+
+def test_count_trials_counts_in_the_database(tmp_path):
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0, 1)
+        if trial.number % 3 == 0:
+            trial.set_user_attr("rejected", f"screened out: trial {trial.number} 100% 'quoted'")
+            raise optuna.TrialPruned()
+        if trial.number % 3 == 1:
+            trial.set_user_attr("rejected", "screened_out look-alike")
+            raise optuna.TrialPruned()
+        return x
+
+    study.optimize(objective, n_trials=9)
+    assert count_trials(study) == 9
+    assert count_trials(study, TrialState.COMPLETE) == 3 and count_trials(study, TrialState.PRUNED) == 6
+    assert count_trials(study, rejected_prefix="screened out") == 3  # `_` is not a LIKE wildcard here
