@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   install, then run a 150-trial study on the shared stories260K model (SQLite)
+#   make demo   install, then run a 1000-trial study on the shared stories260K model (SQLite)
 #   make test   install, then run the test suite (what .ci/run calls)
 
 VENV ?= .venv
@@ -30,7 +30,7 @@ lint: install
 	$(VENV)/bin/ruff format --check qopt tests scripts
 
 STUDY ?= stories260k
-TRIALS ?= 150
+TRIALS ?= 1000
 
 # The main job: an NSGA-II study of the full genome on stories260K at <= 3.25 bpw,
 # stored in runs/qopt.db; running it again adds TRIALS more trials to the same study.

@@ -118,12 +118,17 @@ def summary(structure: Structure, quality: str = "kl", top: int = 5) -> str:
         lines.append("  protected layers (mean bits above the strategy's mean, across the front):")
         for layer, excess, kept in structure.protection[:top]:
             lines.append(f"    {layer:<40} {excess:+.2f} bits, 16-bit in {kept:.0%} of the front")
-    for c in structure.comparisons:
-        verdict = "better" if c.quality < c.baseline_quality else "worse"
-        lines.append(
-            f"  trial {c.trial:>4} {c.bpw:.3f} bpw {quality} {c.quality:.4f}: {verdict} than {c.baseline} "
-            f"({c.baseline_bpw:.3f} bpw, {c.baseline_quality:.4f})"
-        )
+    comparisons = structure.comparisons
+    if comparisons:
+        wins = sum(c.quality < c.baseline_quality for c in comparisons)
+        lines.append(f"  {wins} of {len(comparisons)} front members beat the baseline nearest in bpw; for example:")
+        step = max(1, len(comparisons) // top)
+        for c in comparisons[::step][:top] + ([comparisons[-1]] if len(comparisons) > top else []):
+            verdict = "better" if c.quality < c.baseline_quality else "worse"
+            lines.append(
+                f"    trial {c.trial:>4} {c.bpw:.3f} bpw {quality} {c.quality:.4f}: {verdict} than {c.baseline} "
+                f"({c.baseline_bpw:.3f} bpw, {c.baseline_quality:.4f})"
+            )
     return "\n".join(lines)
 
 

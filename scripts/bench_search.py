@@ -149,12 +149,14 @@ def bench_stories(folder: Path, seconds: float) -> None:
         f"stories260K, studies/stories260k.yaml, {seconds:.0f} s of search per mode, {torch.get_num_threads()} threads"
     )
     results = {fast: run_mode(config, fast, folder, seconds=seconds) for fast in (False, True)}
-    print(f"  {'mode':<6}{'setup s':>9}{'judged':>8}{'full':>6}{'screened':>9}{'collapsed':>10}{'trials/min':>12}")
+    header = f"{'mode':<6}{'setup s':>9}{'judged':>8}{'full':>6}{'screened':>9}{'collapsed':>10}{'trials/min':>12}"
+    print(f"  {header}{'full/min':>10}")
     for r in results.values():
         collapsed = r.count(TrialState.PRUNED) - r.screened()
+        full_rate = r.count(TrialState.COMPLETE) / r.seconds * 60
         print(
             f"  {r.mode:<6}{r.setup_seconds:>9.1f}{len(r.searched):>8}{r.count(TrialState.COMPLETE):>6}"
-            f"{r.screened():>9}{collapsed:>10}{r.per_minute():>12.1f}"
+            f"{r.screened():>9}{collapsed:>10}{r.per_minute():>12.1f}{full_rate:>10.1f}"
         )
     plain, fast = results[False], results[True]
     print(f"  trials judged per minute, fast / plain: {fast.per_minute() / plain.per_minute():.2f}x")

@@ -117,20 +117,24 @@ def _freeze_in_trial(proc, postgres, name, timeout=120.0) -> int:
 def test_killed_worker_trial_fails_and_is_retried(postgres, name, tiny_llama_dir, small_text):
     qstudy.create(name, _config(tiny_llama_dir, small_text, search_windows=8), postgres)
     victim = _launch_cli(name, postgres, "--until", "40", "--heartbeat", "1")
-    survivor = _launch_cli(name, postgres, "--until", "40", "--heartbeat", "1", via_env=True)
+    survivor = None
     try:
         killed_trial = _freeze_in_trial(victim, postgres, name)
         victim.send_signal(signal.SIGKILL)
         victim.wait()
+        # Trials take milliseconds: start the next worker once the dead one's heartbeat is stale
+        # (3 heartbeats), so that its first trial finds the stale trial, fails and re-queues it.
+        time.sleep(4)
+        survivor = _launch_cli(name, postgres, "--until", "40", "--heartbeat", "1", via_env=True)
         _, err = survivor.communicate(timeout=300)
         assert survivor.returncode == 0, err
     finally:
         for proc in (victim, survivor):
-            if proc.poll() is None:
+            if proc is not None and proc.poll() is None:
                 proc.kill()
     study = optuna.load_study(study_name=name, storage=postgres)
     by_number = {t.number: t for t in study.trials}
-    assert by_number[killed_trial].state == TrialState.FAIL  # within the grace period, by the survivor
+    assert by_number[killed_trial].state == TrialState.FAIL  # by the survivor, at its first trial
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed_trial]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     # the retry keeps every gene the killed trial had drawn (it may have died while drawing them)

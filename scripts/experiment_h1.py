@@ -1,0 +1,243 @@
+"""The H1 experiment: do strategies found by search beat human-designed schemes at equal
+true bits per weight?
+
+On one model and one text (default: the demo study's, stories260K on TinyStories):
+1. every baseline — RTN, GPTQ, AWQ, HQQ; symmetric and asymmetric; per-channel and
+   the group sizes the model allows — at 2, 3, 4 and 8 bits;
+2. qopt's search with the full genome, and as an ablation the bits-only genome
+   (per-layer bit-width over fixed GPTQ rounding: the EvoPress-style space), each
+   with 3 seeds and the same trial budget, budget 4.25 bpw, both starting from the
+   same GPTQ base config;
+3. every front member and every baseline measured on the evaluation part (text
+   no search saw);
+4. for budgets 2.5, 3.0, 3.25 and 4.25 bpw: the best baseline and the best member
+   of each search's front at or under the budget — each chosen by its search-part
+   KL, as a user without the held-out text would choose — and their held-out KL,
+   perplexity and top-1 (searches: mean ± half the range over seeds).
+
+Writes `docs/results/<model>.md` and `docs/results/<model>-fronts.html` (plotly, the
+library loaded from its CDN to keep the file small). Studies go to `runs/h1/`.
+
+    python scripts/experiment_h1.py            # the committed run (14 min on 2 cores)
+    python scripts/experiment_h1.py --quick    # a smoke run: fewer trials, seeds and baselines
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+import optuna
+import plotly.graph_objects as go
+import torch
+
+from qopt import baselines as qbaselines
+from qopt import study as qstudy
+from qopt.data import load_text
+from qopt.evaluate import Evaluator
+from qopt.model import load_model
+from qopt.strategy import LayerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGETS = (2.5, 3.0, 3.25, 4.25)
+SEARCH_BUDGET = max(BUDGETS)
+BASE = {"bits": 4, "granularity": "group", "group_size": 64, "symmetric": False, "rounding": "gptq"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One measured strategy: where it came from, its bpw, search KL and held-out metrics."""
+
+    source: str  # "baseline", "bits-only", "full"
+    label: str
+    seed: int | None
+    bpw: float
+    search_kl: float
+    kl: float
+    ppl: float
+    top1: float
+
+
+def measure_baselines(config: qstudy.StudyConfig, quick: bool) -> list[Point]:
+    """Every baseline scheme on both parts; group sizes are those the model's layers allow."""
+    lm = load_model(config.model, device=config.device)
+    evaluator = Evaluator.from_text(lm, load_text(config.data), config.eval)
+    narrowest = min(u.in_features for u in lm.units if not u.is_embedding)
+    groups = [g for g in (32, 64, 128) if g <= narrowest] + [None]  # None: per output channel
+    methods, bits = (("rtn", "gptq"), (3, 4)) if quick else (("rtn", "gptq", "awq", "hqq"), (2, 3, 4, 8))
+    chosen = [
+        qbaselines.Scheme(method, b, group, symmetric)
+        for method in methods
+        for b in bits
+        for group in groups
+        for symmetric in ((False,) if method == "hqq" else (False, True))
+    ]
+    points = []
+    for result in qbaselines.run(evaluator, chosen):
+        h = result.held_out
+        points.append(Point("baseline", result.strategy.name, None, h.bpw, result.search.kl, h.kl, h.ppl, h.top1))
+    return points
+
+
+def search_config(base: qstudy.StudyConfig, families: tuple[str, ...], seed: int) -> qstudy.StudyConfig:
+    search = dataclasses.replace(
+        base.search, families=families, base=LayerConfig.from_dict(BASE, where="experiment base")
+    )
+    return dataclasses.replace(base, budget_bpw=SEARCH_BUDGET, seed=seed, baselines=(), search=search)
+
+
+def run_search(config: qstudy.StudyConfig, name: str, url: str, trials: int, source: str) -> list[Point]:
+    """Create and run one study; measure its feasible front on the evaluation part."""
+    try:
+        optuna.delete_study(study_name=name, storage=url)  # a rerun starts clean
+    except KeyError:
+        pass
+    qstudy.create(name, config, url)
+    start = time.perf_counter()
+    qstudy.launch(name, n_trials=trials, url=url, progress=True)
+    seconds = time.perf_counter() - start
+    members = qstudy.front(name, url, with_baselines=False)
+    print(f"  {name}: {trials} trials in {seconds:.0f} s, {len(members)} on the front")
+    return [
+        Point(source, f"trial {m.trial}", config.seed, m.bpw, m.search_kl, m.eval_kl, m.eval_ppl, m.eval_top1)
+        for m in members
+    ]
+
+
+def best_under(points: list[Point], budget: float) -> Point | None:
+    """The point with the lowest search-part KL at or under `budget` bpw."""
+    fitting = [p for p in points if p.bpw <= budget + 1e-9]
+    return min(fitting, key=lambda p: p.search_kl) if fitting else None
+
+
+def _spread(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.4g} ± {(max(values) - min(values)) / 2:.2g}" if len(values) > 1 else f"{mean:.4g}"
+
+
+def report(model: str, points: list[Point], seeds: list[int], trials: int, minutes: float, quick: bool) -> str:
+    lines = [
+        f"# H1 on {model}: searched strategies vs human-designed schemes",
+        "",
+        f"`python scripts/experiment_h1.py{' --quick' if quick else ''}` — {minutes:.0f} min on "
+        f"{torch.get_num_threads()} CPU threads. Searches: {trials} trials each, seeds {seeds}, budget "
+        f"{SEARCH_BUDGET} bpw, base config `{BASE}`; the bits-only space searches only per-layer bit-widths "
+        "over that base (the EvoPress-style ablation; GPTQ with group 64, the largest group stories260K's "
+        "64-wide layers allow, in place of g128). All metrics below are on the evaluation part, which no "
+        "search and no calibration saw; every strategy was *chosen* by its search-part KL.",
+        "",
+    ]
+    for budget in BUDGETS:
+        lines += [
+            f"## ≤ {budget} bpw",
+            "",
+            "| strategy | bpw | eval KL (nats/token) | eval perplexity | eval top-1 |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        base = best_under([p for p in points if p.source == "baseline"], budget)
+        if base is not None:
+            lines.append(
+                f"| best baseline: {base.label} | {base.bpw:.3f} | {base.kl:.4f} | {base.ppl:.3f} | {base.top1:.1%} |"
+            )
+        for source in ("bits-only", "full"):
+            chosen = [best_under([p for p in points if p.source == source and p.seed == s], budget) for s in seeds]
+            found = [p for p in chosen if p is not None]
+            if not found:
+                lines.append(f"| {source} search | – | none under the budget | | |")
+                continue
+            lines.append(
+                f"| {source} search ({len(found)} of {len(seeds)} seeds) | {_spread([p.bpw for p in found])} | "
+                f"{_spread([p.kl for p in found])} | {_spread([p.ppl for p in found])} | "
+                f"{_spread([100 * p.top1 for p in found])}% |"
+            )
+        lines.append("")
+    lines += ["## All baselines", "", "| scheme | bpw | search KL | eval KL | eval ppl | eval top-1 |"]
+    lines.append("|---|---:|---:|---:|---:|---:|")
+    for p in sorted((p for p in points if p.source == "baseline"), key=lambda p: (p.bpw, p.kl)):
+        lines.append(f"| {p.label} | {p.bpw:.3f} | {p.search_kl:.4f} | {p.kl:.4f} | {p.ppl:.3f} | {p.top1:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(model: str, points: list[Point]) -> go.Figure:
+    fig = go.Figure()
+    colors = {"bits-only": "#2ca02c", "full": "#1f77b4"}
+    for source in ("bits-only", "full"):
+        for seed in sorted({p.seed for p in points if p.source == source}):
+            front = sorted((p for p in points if p.source == source and p.seed == seed), key=lambda p: p.bpw)
+            fig.add_trace(
+                go.Scatter(
+                    x=[p.bpw for p in front],
+                    y=[p.kl for p in front],
+                    mode="lines+markers",
+                    line_shape="hv",
+                    name=f"{source} search, seed {seed}",
+                    marker=dict(color=colors[source]),
+                    text=[p.label for p in front],
+                )
+            )
+    base = [p for p in points if p.source == "baseline"]
+    fig.add_trace(
+        go.Scatter(
+            x=[p.bpw for p in base],
+            y=[p.kl for p in base],
+            mode="markers",
+            name="baselines (RTN, GPTQ, AWQ, HQQ)",
+            marker=dict(color="#d62728", symbol="diamond", size=9),
+            text=[p.label for p in base],
+        )
+    )
+    for budget in BUDGETS:
+        fig.add_vline(x=budget, line_dash="dot", line_color="#999")
+    fig.update_layout(
+        title=f"H1 on {model}: fronts and baselines, evaluation part",
+        xaxis_title="true bits per weight (block linear layers)",
+        yaxis_title="KL to the unquantized model (nats/token), held out",
+        yaxis_type="log",
+        xaxis_range=[2.0, 9.0],
+        template="plotly_white",
+        height=650,
+    )
+    return fig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "studies" / "stories260k.yaml"), help="model, data, settings")
+    parser.add_argument("--trials", type=int, default=None, help="trials per search (default 800; quick 80)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 80 trials, 2 seeds, RTN/GPTQ at 3-4 bits")
+    parser.add_argument("--name", default="stories260k", help="report name under docs/results/")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    base = qstudy.StudyConfig.load(args.config)
+    trials = args.trials or (80 if args.quick else 800)
+    seeds = [0, 1] if args.quick else [0, 1, 2]
+    runs = ROOT / "runs" / "h1"
+    runs.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{runs / ('quick.db' if args.quick else 'h1.db')}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    print("baselines")
+    points = measure_baselines(base, args.quick)
+    print(f"  {len(points)} schemes measured")
+    for families, source in (
+        (("bits",), "bits-only"),
+        (("bits", "scaling", "format", "outliers", "rounding", "arithmetic"), "full"),
+    ):
+        for seed in seeds:
+            config = search_config(base, families, seed)
+            points += run_search(config, f"h1-{source}-{seed}", url, trials, source)
+
+    out = ROOT / "docs" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{args.name}-quick" if args.quick else args.name
+    minutes = (time.perf_counter() - started) / 60
+    (out / f"{name}.md").write_text(report(base.model.split("/")[-2], points, seeds, trials, minutes, args.quick))
+    figure(name, points).write_html(out / f"{name}-fronts.html", include_plotlyjs="cdn")
+    print(f"wrote {out / f'{name}.md'} and {out / f'{name}-fronts.html'} ({minutes:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
