@@ -88,10 +88,10 @@ def open_storage(url: str | None = None, heartbeat: int | None = None, batched: 
 class BatchedParamStorage(RDBStorage):
     """An RDBStorage that writes a running trial's parameters in one transaction.
 
-    Suggested parameters wait in memory until the trial ends (or is read by
-    itself: `get_trial`), then go to the database together, before its state.
-    While it runs, the trial's parameters are visible to no reader (a listing
-    of all trials shows it without them), which costs nothing: the sampler
+    Suggested parameters wait in memory until the trial ends, then go to the
+    database together, before its state. While it runs, this process's reads
+    of the trial (`get_trial`) see them from memory; to other readers (and in
+    a listing of all trials) it shows without them, which costs nothing: the sampler
     reads finished trials only, and re-reading a running trial's hundreds of
     parameters on every listing was a sixth of a small model's trial time. A
     worker killed mid-trial loses its draw; the trial is failed and retried
@@ -146,6 +146,10 @@ class BatchedParamStorage(RDBStorage):
                 ]
                 session.execute(sqlalchemy.insert(models.TrialParamModel), rows)  # one executemany
 
+    def _waiting(self, trial_id: int) -> list[tuple[str, float, BaseDistribution]]:
+        with self._pending_lock:
+            return list(self._pending.get(trial_id, ()))
+
     def _stored_distribution(self, trial_id: int, name: str) -> BaseDistribution | None:
         """The distribution an earlier trial of the same study stored for parameter `name`, if any.
         (Asked once per parameter name per process: Optuna's cache passes it afterwards.)"""
@@ -160,13 +164,18 @@ class BatchedParamStorage(RDBStorage):
             )
             return None if record is None else json_to_distribution(record.distribution_json)
 
-    # The trial's own reads, and its end, see its parameters first.
+    # Reads of one trial see its waiting parameters (from memory); its end writes them first.
     def get_trial(self, trial_id: int) -> FrozenTrial:
-        self.flush(trial_id)
-        return super().get_trial(trial_id)
+        trial = super().get_trial(trial_id)
+        for name, value, distribution in self._waiting(trial_id):
+            trial.params[name] = distribution.to_external_repr(value)
+            trial.distributions[name] = distribution
+        return trial
 
     def get_trial_param(self, trial_id: int, param_name: str) -> float:
-        self.flush(trial_id)
+        for name, value, _ in self._waiting(trial_id):
+            if name == param_name:
+                return value
         return super().get_trial_param(trial_id, param_name)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:

@@ -77,3 +77,21 @@ def test_count_trials_counts_in_the_database(tmp_path):
     assert count_trials(study) == 9
     assert count_trials(study, TrialState.COMPLETE) == 3 and count_trials(study, TrialState.PRUNED) == 6
     assert count_trials(study, rejected_prefix="screened out") == 3  # `_` is not a LIKE wildcard here
+
+
+def test_a_running_trial_reads_its_waiting_params_without_writing_them(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    storage = open_storage(url)
+    study = optuna.create_study(storage=storage)
+    seen = {}
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0, 1)
+        seen["own read"] = storage.get_trial(trial._trial_id).params
+        seen["own param"] = storage.get_trial_param(trial._trial_id, "x")
+        seen["other reader"] = open_storage(url, batched=False).get_trial(trial._trial_id).params
+        return x
+
+    study.optimize(objective, n_trials=1)
+    x = study.trials[0].params["x"]
+    assert seen == {"own read": {"x": x}, "own param": x, "other reader": {}}
