@@ -146,8 +146,7 @@ def eval_command(
     """Quantize MODEL as a strategy says (or load an exported checkpoint) and measure KL,
     perplexity, top-1 and true bpw against the unquantized model.
 
-    With --checkpoint, the model, data and evaluation settings default to those the
-    checkpoint was exported with, so the exported strategy's metrics are reproduced.
+    With --checkpoint, model, data and settings default to the export's: its metrics are reproduced.
     """
     from qopt.data import PARTS, load_text
     from qopt.evaluate import EvalSettings, Evaluator
@@ -229,8 +228,9 @@ def export_command(
     bit-packed, fp16 scales/zeros/outliers), manifest.json, and llama-tensor-types.txt
     (a llama-quantize --tensor-type override list, with the genes llama.cpp cannot express).
 
-    From a study: `qopt export NAME --trial T -o DIR` or `--max-bpw B` (its model, data
-    and settings). From a file: `qopt export --strategy FILE --model M [--data D] -o DIR`.
+    From a study, with its model, data and settings: qopt export NAME --trial T (or --max-bpw B) -o DIR.
+
+    From a strategy file: qopt export --strategy FILE --model M [--data D] -o DIR.
     """
     from qopt.data import load_text
     from qopt.evaluate import EvalSettings, Evaluator

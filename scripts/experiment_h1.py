@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -82,10 +84,8 @@ def measure_baselines(config: qstudy.StudyConfig, quick: bool) -> list[Point]:
     return points
 
 
-def search_config(base: qstudy.StudyConfig, families: tuple[str, ...], seed: int) -> qstudy.StudyConfig:
-    search = dataclasses.replace(
-        base.search, families=families, base=LayerConfig.from_dict(BASE, where="experiment base")
-    )
+def search_config(base: qstudy.StudyConfig, families: tuple[str, ...], seed: int, genes: dict) -> qstudy.StudyConfig:
+    search = dataclasses.replace(base.search, families=families, base=LayerConfig.from_dict(genes, where="--base"))
     return dataclasses.replace(base, budget_bpw=SEARCH_BUDGET, seed=seed, baselines=(), search=search)
 
 
@@ -118,16 +118,17 @@ def _spread(values: list[float]) -> str:
     return f"{mean:.4g} ± {(max(values) - min(values)) / 2:.2g}" if len(values) > 1 else f"{mean:.4g}"
 
 
-def report(model: str, points: list[Point], seeds: list[int], trials: int, minutes: float, quick: bool) -> str:
+def report(
+    model: str, points: list[Point], seeds: list[int], trials: int, minutes: float, command: str, genes: dict
+) -> str:
     lines = [
         f"# H1 on {model}: searched strategies vs human-designed schemes",
         "",
-        f"`python scripts/experiment_h1.py{' --quick' if quick else ''}` — {minutes:.0f} min on "
-        f"{torch.get_num_threads()} CPU threads. Searches: {trials} trials each, seeds {seeds}, budget "
-        f"{SEARCH_BUDGET} bpw, base config `{BASE}`; the bits-only space searches only per-layer bit-widths "
-        "over that base (the EvoPress-style ablation; GPTQ with group 64, the largest group stories260K's "
-        "64-wide layers allow, in place of g128). All metrics below are on the evaluation part, which no "
-        "search and no calibration saw; every strategy was *chosen* by its search-part KL.",
+        f"`{command}` — {minutes:.0f} min on {torch.get_num_threads()} CPU threads. Searches: {trials} "
+        f"trials each, seeds {seeds}, budget {SEARCH_BUDGET} bpw, base config `{genes}`, no human scheme "
+        "as a seed; the bits-only space searches only per-layer bit-widths over that base (the "
+        "EvoPress-style ablation). All metrics below are on the evaluation part, which no search and no "
+        "calibration saw; every strategy was *chosen* by its search-part KL.",
         "",
     ]
     for budget in BUDGETS:
@@ -209,14 +210,23 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=None, help="trials per search (default 800; quick 80)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 80 trials, 2 seeds, RTN/GPTQ at 3-4 bits")
     parser.add_argument("--name", default="stories260k", help="report name under docs/results/")
+    parser.add_argument(
+        "--base",
+        default="{}",
+        help='JSON genes over the default base (4-bit GPTQ g64 asym), e.g. \'{"granularity": "channel"}\'',
+    )
     args = parser.parse_args()
+    genes = {**BASE, **json.loads(args.base)}
+    if genes.get("granularity") != "group":
+        genes.pop("group_size", None)
     started = time.perf_counter()
     base = qstudy.StudyConfig.load(args.config)
     trials = args.trials or (80 if args.quick else 800)
     seeds = [0, 1] if args.quick else [0, 1, 2]
     runs = ROOT / "runs" / "h1"
     runs.mkdir(parents=True, exist_ok=True)
-    url = f"sqlite:///{runs / ('quick.db' if args.quick else 'h1.db')}"
+    database = f"{args.name}-quick.db" if args.quick else f"{args.name}.db"
+    url = f"sqlite:///{runs / database}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     print("baselines")
@@ -227,14 +237,16 @@ def main() -> None:
         (("bits", "scaling", "format", "outliers", "rounding", "arithmetic"), "full"),
     ):
         for seed in seeds:
-            config = search_config(base, families, seed)
+            config = search_config(base, families, seed, genes)
             points += run_search(config, f"h1-{source}-{seed}", url, trials, source)
 
     out = ROOT / "docs" / "results"
     out.mkdir(parents=True, exist_ok=True)
     name = f"{args.name}-quick" if args.quick else args.name
     minutes = (time.perf_counter() - started) / 60
-    (out / f"{name}.md").write_text(report(base.model.split("/")[-2], points, seeds, trials, minutes, args.quick))
+    command = " ".join(["python scripts/experiment_h1.py", *sys.argv[1:]])
+    model = base.model.rstrip("/").split("/")[-2]
+    (out / f"{name}.md").write_text(report(model, points, seeds, trials, minutes, command, genes))
     figure(name, points).write_html(out / f"{name}-fronts.html", include_plotlyjs="cdn")
     print(f"wrote {out / f'{name}.md'} and {out / f'{name}-fronts.html'} ({minutes:.1f} min)")
 
