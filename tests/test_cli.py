@@ -23,6 +23,20 @@ def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return exit_info.value.code or 0, out, err
 
 
+def tiny_study(monkeypatch, capsys, tmp_path, model_dir, text, settings: str, trials: int) -> str:
+    """`qopt study create s` (tiny windows, group 32, plus `settings` YAML lines) and
+    `qopt study launch s --n-trials trials` on a fresh SQLite file; returns its URL."""
+    config = tmp_path / "s.yaml"
+    config.write_text(
+        f"model: {model_dir}\ndata: {text}\npopulation: 4\n{settings}"
+        "search: {group_sizes: [32], base: {bits: 4, group_size: 32}}\n"
+    )
+    storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    assert run(monkeypatch, capsys, "study", "create", "s", "--config", str(config), "--storage", storage)[0] == 0
+    assert run(monkeypatch, capsys, "study", "launch", "s", "--n-trials", str(trials), "--storage", storage)[0] == 0
+    return storage
+
+
 @pytest.fixture
 def assets():
     if not STORIES.is_dir() or not TINYSTORIES.is_file():

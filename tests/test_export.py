@@ -14,7 +14,7 @@ from qopt.llamacpp import override_file, tensor_types
 from qopt.quant.packing import pack_bits, packed_size, unpack_bits
 from qopt.strategy import FORMAT_BITS, FP16, Strategy
 from tests.conftest import random_split, tiny_model
-from tests.test_cli import run
+from tests.test_cli import run, tiny_study
 
 
 @pytest.mark.parametrize("bits", list(range(1, 33)))
@@ -121,15 +121,11 @@ def test_tensor_type_list_of_a_known_strategy():
 
 
 def test_export_and_eval_checkpoint_from_the_command_line(monkeypatch, capsys, tmp_path, tiny_llama_dir, small_text):
-    config = tmp_path / "s.yaml"
-    config.write_text(
-        f"model: {tiny_llama_dir}\ndata: {small_text}\npopulation: 4\nbaselines: [3, {{bits: 4, rounding: gptq}}]\n"
+    settings = (
+        "baselines: [3, {bits: 4, rounding: gptq}]\n"
         "eval: {seq_len: 64, search_windows: 2, eval_windows: 3, calib_windows: 2, batch_size: 2}\n"
-        "search: {group_sizes: [32], base: {bits: 4, group_size: 32}}\n"
     )
-    storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    assert run(monkeypatch, capsys, "study", "create", "s", "--config", str(config), "--storage", storage)[0] == 0
-    assert run(monkeypatch, capsys, "study", "launch", "s", "--n-trials", "4", "--storage", storage)[0] == 0
+    storage = tiny_study(monkeypatch, capsys, tmp_path, tiny_llama_dir, small_text, settings, trials=4)
     out_dir = tmp_path / "export"
     code, out, err = run(monkeypatch, capsys, "export", "s", "--trial", "1", "-o", str(out_dir), "--storage", storage)
     assert code == 0, err

@@ -9,7 +9,7 @@ from qopt.space import SearchConfig, SearchSpace
 from qopt.strategy import FP16
 from qopt.structure import analyse, gene_value, summary
 from tests.conftest import tiny_model
-from tests.test_cli import run
+from tests.test_cli import run, tiny_study
 
 BASE = FP16.evolve(bits=4, group_size=32)
 
@@ -56,15 +56,11 @@ def test_protected_layers_and_frequencies_from_known_genomes():
 
 
 def test_study_report_from_the_command_line(monkeypatch, capsys, tmp_path, tiny_llama_dir, small_text):
-    config = tmp_path / "s.yaml"
-    config.write_text(
-        f"model: {tiny_llama_dir}\ndata: {small_text}\npopulation: 4\nbaselines: [3, 4]\nbudget_bpw: 4.5\n"
+    settings = (
+        "baselines: [3, 4]\nbudget_bpw: 4.5\n"
         "eval: {seq_len: 64, search_windows: 2, eval_windows: 2, calib_windows: 2, batch_size: 2}\n"
-        "search: {group_sizes: [32], base: {bits: 4, group_size: 32}}\n"
     )
-    storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    assert run(monkeypatch, capsys, "study", "create", "s", "--config", str(config), "--storage", storage)[0] == 0
-    assert run(monkeypatch, capsys, "study", "launch", "s", "--n-trials", "12", "--storage", storage)[0] == 0
+    storage = tiny_study(monkeypatch, capsys, tmp_path, tiny_llama_dir, small_text, settings, trials=12)
     report = tmp_path / "report.html"
     code, out, err = run(monkeypatch, capsys, "study", "report", "s", "-o", str(report), "--storage", storage)
     assert code == 0, err
