@@ -58,7 +58,7 @@ def front_figure(study: optuna.Study, config: StudyConfig, members: Sequence[Fro
     fig.add_trace(
         _trial_points(
             baselines,
-            "human baselines (RTN)",
+            "human baselines",
             mode="markers+text",
             textposition="top center",
             marker=dict(color="#d62728", size=12, symbol="diamond"),
