@@ -75,9 +75,23 @@ def analyse(space: SearchSpace, front: Sequence[FrozenTrial], trials: Sequence[F
     layers = [g.name for g in space.groups]
     searched_front = sorted((t for t in front if "baseline" not in t.user_attrs), key=lambda t: t.user_attrs["bpw"])
     population = [t for t in trials if "baseline" not in t.user_attrs]
-    members = [_member(space, t) for t in searched_front]
+    genomes = {t.number: space.decode(t.params) for t in [*population, *searched_front]}  # each decoded once
+    labels = {
+        n: {gene: [gene_value(genome[g.name], gene) for g in space.groups] for gene in GENES}
+        for n, genome in genomes.items()
+    }
+    members = [
+        Member(
+            t.number,
+            t.user_attrs["bpw"],
+            t.values[0],
+            labels[t.number],
+            [genomes[t.number][g.name].bits for g in space.groups],
+        )
+        for t in searched_front
+    ]
     frequencies = {
-        gene: _shares([_labels(space, t)[gene] for t in searched_front], [_labels(space, t)[gene] for t in population])
+        gene: _shares([labels[t.number][gene] for t in searched_front], [labels[t.number][gene] for t in population])
         for gene in GENES
     }
     protection = []
@@ -130,17 +144,6 @@ def summary(structure: Structure, quality: str = "kl", top: int = 5) -> str:
                 f"({c.baseline_bpw:.3f} bpw, {c.baseline_quality:.4f})"
             )
     return "\n".join(lines)
-
-
-def _labels(space: SearchSpace, trial: FrozenTrial) -> dict[str, list[str]]:
-    genome = space.decode(trial.params)
-    return {gene: [gene_value(genome[g.name], gene) for g in space.groups] for gene in GENES}
-
-
-def _member(space: SearchSpace, trial: FrozenTrial) -> Member:
-    genome = space.decode(trial.params)
-    bits = [genome[g.name].bits for g in space.groups]
-    return Member(trial.number, trial.user_attrs["bpw"], trial.values[0], _labels(space, trial), bits)
 
 
 def _shares(front: Sequence[Sequence[str]], population: Sequence[Sequence[str]]) -> dict[str, tuple[float, float]]:
