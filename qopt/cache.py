@@ -76,10 +76,6 @@ class WeightCache:
             _, (_, dropped) = self._entries.popitem(last=False)
             self._bytes -= dropped
 
-    def clear(self) -> None:
-        self._entries.clear()
-        self._bytes = 0
-
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -34,13 +34,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qopt.bits import layer_cost
+from qopt.cache import tensor_bytes
 from qopt.errors import QoptError
 from qopt.model import LoadedModel
 from qopt.quant.formats import index_bits
 from qopt.quant.outliers import InputTransform, rotation_matrix
 from qopt.quant.packing import pack_bits, unpack_bits
 from qopt.quant.scales import from_blocks, grid_codes, grid_values, to_blocks
-from qopt.quant.weight import QuantizedMatrix
+from qopt.quant.weight import QuantizedMatrix, to_original_basis
 from qopt.quantizer import Quantizer, quantize_unit
 from qopt.strategy import LayerConfig, Strategy
 
@@ -93,22 +94,21 @@ def export_checkpoint(
             stored, transform = quantize_unit(unit.name, w, config, stats, seed)
             assert stored is not None
             parts = _pack(stored, transform, config)
-            _check_round_trip(unit.name, parts, config, stored, transform, w.shape)
+            _check_round_trip(unit.name, parts, config, stored, w.shape)
             tensors.update({f"{unit.name}.{k}": v.contiguous().cpu() for k, v in parts.items()})
             packed.add(id(unit.weight))
             counted = layer_cost(unit.out_features, unit.in_features, config).total
-            stored_bytes = sum(v.numel() * v.element_size() for v in parts.values())
             units[unit.name] = {
                 "shape": [unit.out_features, unit.in_features],
                 "transposed": unit.transposed,
                 "config": config.to_dict(),
                 "counted_bits": counted,
-                "stored_bytes": stored_bytes,
+                "stored_bytes": tensor_bytes(*parts.values()),
             }
     plain_bytes = 0
     for name, param in _plain_parameters(lm, packed).items():
         tensors[name] = param.detach().contiguous().cpu()
-        plain_bytes += param.numel() * param.element_size()
+        plain_bytes += tensor_bytes(param)
     save_file(tensors, str(out / WEIGHTS))
     strategy.save(out / STRATEGY)
     lm.model.config.save_pretrained(out)
@@ -143,7 +143,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
         parts = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
         transform = _transform(parts, config, info["shape"][1], torch.device(device))
         values = _unpack(parts, config, tuple(info["shape"]))
-        weights[name] = (transform.weight_inverse(values) if transform is not None else values, transform)
+        weights[name] = (to_original_basis(values, transform), transform)
     quantized_keys = {f"{name}.{k}" for name in manifest["units"] for k in _PART_NAMES}
     plain = {k: v for k, v in tensors.items() if k not in quantized_keys}
     return Checkpoint(Strategy.load(folder / STRATEGY), manifest, weights, plain)
@@ -248,7 +248,6 @@ def _check_round_trip(
     parts: dict[str, torch.Tensor],
     config: LayerConfig,
     stored: QuantizedMatrix,
-    transform: InputTransform | None,
     shape: torch.Size,
 ) -> None:
     decoded = _unpack({k: v.cpu() for k, v in parts.items()}, config, tuple(shape))

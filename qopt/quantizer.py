@@ -26,7 +26,7 @@ from qopt.calibration import ActivationStats
 from qopt.errors import QoptError
 from qopt.model import LoadedModel, QuantUnit
 from qopt.quant import InputTransform, fake_quantize_activations, input_transform, lowprec_linear
-from qopt.quant.weight import QuantizedMatrix, quantize_weight
+from qopt.quant.weight import QuantizedMatrix, quantize_weight, to_original_basis
 from qopt.strategy import LayerConfig, Strategy
 
 
@@ -126,7 +126,7 @@ class Quantizer:
         entry = self.cache.get(_cache_key(unit.name, config, seed))
         if entry is None:
             stored, transform = quantize_unit(unit.name, w.float(), config, stats, seed)
-            w_hat = None if stored is None else _original_basis(stored.values, transform).to(w.dtype)
+            w_hat = None if stored is None else to_original_basis(stored.values, transform).to(w.dtype)
             entry = self.remember(unit.name, config, seed, w_hat, transform)
         w_hat, transform = entry
         if w_hat is not None:
@@ -150,10 +150,6 @@ class Quantizer:
 def _cache_key(name: str, config: LayerConfig, seed: int) -> tuple:
     # Stochastic rounding draws from a generator seeded per (seed, module): part of the key.
     return (name, config, seed if config.rounding == "stochastic" else None)
-
-
-def _original_basis(values: torch.Tensor, transform: InputTransform | None) -> torch.Tensor:
-    return transform.weight_inverse(values) if transform is not None else values
 
 
 def quantize_unit(

@@ -280,7 +280,7 @@ class SearchRun:
 
     def objective(self, trial: optuna.Trial) -> tuple[float, ...]:
         trial.set_user_attr("worker", WORKER_ID)
-        # Read before this trial holds hundreds of params: the read includes running trials.
+        # The completed trials (any worker's) this one's first batch is screened against.
         rivals = self._screen_rivals(trial.study) if self.config.screen_margin else []
         genome = self.space.sample(trial)
         bpw = self.space.bpw(genome)
@@ -468,7 +468,7 @@ def _work(job: _Job, stop: _Stop) -> None:
         left = None if job.timeout is None else job.timeout - (time.monotonic() - started)
         if (remaining is not None and remaining <= 0) or (left is not None and left <= 0):
             return
-        if job.until is not None and _count(study, TrialState.COMPLETE) >= job.until:
+        if job.until is not None and count_trials(study, TrialState.COMPLETE) >= job.until:
             return
         try:
             # A new sampler on the loaded study: loading it again would re-read every trial.
@@ -669,10 +669,6 @@ def _stored_config(storage: optuna.storages.BaseStorage, name: str) -> dict[str,
 def _finished_by_this_worker(study: optuna.Study) -> int:
     trials = study.get_trials(deepcopy=False)
     return sum(t.user_attrs.get("worker") == WORKER_ID and t.state.is_finished() for t in trials)
-
-
-def _count(study: optuna.Study, state: TrialState) -> int:
-    return len(study.get_trials(deepcopy=False, states=(state,)))
 
 
 def _checked(cls: type, data: Any, where: str) -> dict[str, Any]:

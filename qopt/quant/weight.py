@@ -61,8 +61,12 @@ def fake_quantize_weight(
     """
     if not config.quantizes_weights:
         return w
-    values = quantize_weight(w, config, transform, generator, hessian).values
-    return transform.weight_inverse(values) if transform is not None else values
+    return to_original_basis(quantize_weight(w, config, transform, generator, hessian).values, transform)
+
+
+def to_original_basis(w: torch.Tensor, transform: InputTransform | None) -> torch.Tensor:
+    """An [out, in] weight in the transformed basis, mapped back to the layer's own."""
+    return transform.weight_inverse(w) if transform is not None else w
 
 
 def quantize_weight(
