@@ -22,11 +22,12 @@ HQQ is asymmetric by definition and ignores `symmetric`.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from qopt.errors import QoptError
 from qopt.evaluate import Evaluator, Metrics
+from qopt.model import QuantUnit
 from qopt.strategy import BITS, LayerConfig, Strategy, uniform
 
 METHODS = ("rtn", "gptq", "awq", "hqq", "smoothquant", "quarot")
@@ -80,6 +81,15 @@ class Scheme:
             name = ""
         strategy = uniform(self.bits, **genes)
         return Strategy(default=strategy.default, name=name or label(strategy.default))
+
+
+def fitting_group_size(units: Sequence[QuantUnit], candidates: Sequence[int] = (128, 64, 32, 16)) -> int:
+    """The largest candidate group size no block linear layer's input dimension is smaller than."""
+    narrowest = min(u.in_features for u in units if not u.is_embedding and u.role != "lm_head")
+    for size in candidates:
+        if size <= narrowest:
+            return size
+    raise QoptError(f"no group size of {list(candidates)} fits this model's narrowest layer ({narrowest} inputs)")
 
 
 def schemes(

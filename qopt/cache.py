@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from qopt.calibration import ActivationStats
+
 #: Bump when the statistics' meaning changes, so old files are not reused.
-_CALIBRATION_VERSION = 1
+_CALIBRATION_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -101,30 +105,51 @@ def tokens_fingerprint(ids: torch.Tensor) -> str:
 
 
 class CalibrationCache:
-    """Calibration statistics on disk, one file per (model, tokens, kind) key."""
+    """Calibration statistics on disk, one folder per (model, tokens, kind) key.
+
+    A folder holds abs-maxes and, for the Hessian kind, one safetensors file
+    per group of layers (`qopt.calibration`); it is written under a temporary
+    name and renamed when complete, so readers never see half of it.
+    """
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = (root or cache_dir()) / "calibration"
 
     def path(self, model_hash: str, tokens_hash: str, hessians: bool) -> Path:
         kind = "hessian" if hessians else "absmax"
-        return self.root / f"v{_CALIBRATION_VERSION}-{model_hash}-{tokens_hash}-{kind}.pt"
+        return self.root / f"v{_CALIBRATION_VERSION}-{model_hash}-{tokens_hash}-{kind}"
 
-    def load(self, path: Path) -> Any | None:
-        """The stored object, or None if absent or unreadable (a partial write, an old format)."""
-        if not path.is_file():
+    def load(self, path: Path) -> ActivationStats | None:
+        """The stored statistics, or None if absent or unreadable (a damaged file, an old format)."""
+        from qopt.calibration import load_stats
+
+        if not (path / "stats.json").is_file():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return load_stats(path)
         except Exception:
             return None
 
-    def store(self, path: Path, value: Any) -> None:
-        """Write atomically (temporary file, then rename), so readers never see half a file."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        torch.save(value, partial)
-        partial.replace(path)
+    def store(self, path: Path, collect: Callable[[Path], ActivationStats]) -> ActivationStats:
+        """Run `collect(folder)` into a fresh temporary folder, then publish it as `path`;
+        returns the statistics as read back from `path`."""
+        from qopt.calibration import save_absmax
+
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        try:
+            save_absmax(collect(partial), partial)
+            try:
+                partial.rename(path)
+            except OSError:  # another worker published the same statistics first
+                shutil.rmtree(partial, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        stats = self.load(path)
+        assert stats is not None, path
+        return stats
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:

@@ -26,11 +26,20 @@ app.add_typer(study_app, name="study")
 baseline_app = typer.Typer(help="Measure human-designed schemes (RTN, GPTQ, AWQ, HQQ, ...) in qopt's harness.")
 app.add_typer(baseline_app, name="baseline")
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hugging Face hub name or local model directory.")]
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Hugging Face hub name, local model directory, or .gguf file.")
+]
 DataOpt = Annotated[
     str, typer.Option("--data", "-d", help="Text file, JSON list of strings, or hf:NAME[:CONFIG[:SPLIT]].")
 ]
 DeviceOpt = Annotated[str | None, typer.Option(help="torch device; default: cuda when available, else cpu.")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        help="Weights held and computed in float32, bfloat16 or float16 (bfloat16 halves memory; "
+        "float32 is faster on CPUs without bf16 arithmetic)."
+    ),
+]
 StorageOpt = Annotated[
     str | None,
     typer.Option(
@@ -104,6 +113,12 @@ def strategy_show(
     )
 
 
+def _say_source(lm) -> None:
+    """Tell the user, on stderr, when the model's own weights were already quantized (GGUF)."""
+    if lm.source_note:
+        typer.echo(f"note: {lm.source_note}", err=True)
+
+
 def _head_label(head_bpw: float) -> str:
     return f"{head_bpw:.3f} bpw" if head_bpw else "tied to embed"
 
@@ -113,7 +128,9 @@ def eval_command(
     model: Annotated[
         str | None,
         typer.Option(
-            "--model", "-m", help="Hub name or local model directory (default with --checkpoint: its source)."
+            "--model",
+            "-m",
+            help="Hub name, local model directory or .gguf file (default with --checkpoint: its source).",
         ),
     ] = None,
     strategy: Annotated[Path | None, typer.Option("--strategy", "-s", help="Strategy file (.yaml or .json).")] = None,
@@ -141,6 +158,7 @@ def eval_command(
         int | None, typer.Option(help="Seed for window sampling and stochastic rounding; default 0.")
     ] = None,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize MODEL as a strategy says (or load an exported checkpoint) and measure KL,
@@ -151,7 +169,7 @@ def eval_command(
     from qopt.data import PARTS, load_text
     from qopt.evaluate import EvalSettings, Evaluator
     from qopt.export import load_checkpoint, read_manifest, use_checkpoint
-    from qopt.model import load_model
+    from qopt.model import load_model, parse_dtype
 
     if part not in PARTS:
         raise QoptError(f"--part must be one of {', '.join(PARTS)}, got {part!r}")
@@ -172,7 +190,8 @@ def eval_command(
         overrides["search_windows" if part == "search" else "eval_windows"] = windows
     settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     text = load_text(data)
-    lm = load_model(model, device=device)
+    lm = load_model(model, device=device, dtype=parse_dtype(dtype))
+    _say_source(lm)
     evaluator = Evaluator.from_text(lm, text, settings, progress=True)
     if checkpoint is not None:
         loaded = load_checkpoint(checkpoint, lm.device)
@@ -199,7 +218,7 @@ def eval_command(
             f"{metrics.ppl:.3f} (unquantized {metrics.fp_ppl:.3f}, {metrics.ppl / metrics.fp_ppl - 1:+.2%})",
         ),
         ("top-1", f"{metrics.top1:.2%} agreement"),
-        ("time", f"{metrics.seconds:.2f} s on {lm.device}"),
+        ("time", f"{metrics.seconds:.2f} s on {lm.device} ({dtype})"),
     ]
     for row_label, value in rows:
         typer.echo(f"{row_label:<11}{value}")
@@ -223,6 +242,7 @@ def export_command(
     ] = None,
     storage: StorageOpt = None,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
 ) -> None:
     """Write a strategy as a packed checkpoint: strategy.yaml, model.safetensors (codes
     bit-packed, fp16 scales/zeros/outliers), manifest.json, and llama-tensor-types.txt
@@ -236,7 +256,7 @@ def export_command(
     from qopt.evaluate import EvalSettings, Evaluator
     from qopt.export import export_checkpoint
     from qopt.llamacpp import override_file, tensor_types
-    from qopt.model import load_model
+    from qopt.model import load_model, parse_dtype
     from qopt.quantizer import Quantizer
 
     if (name is None) == (strategy is None) or (name is not None and (trial is None) == (max_bpw is None)):
@@ -254,7 +274,8 @@ def export_command(
         if model is None:
             raise QoptError("--strategy needs --model")
         parsed, settings = Strategy.load(strategy), EvalSettings()
-    lm = load_model(model, device=device)
+    lm = load_model(model, device=device, dtype=parse_dtype(dtype))
+    _say_source(lm)
     if data is not None:
         quantizer = Evaluator.from_text(lm, load_text(data), settings).quantizer
     else:
@@ -287,8 +308,22 @@ def baseline_run(
         str, typer.Option(help="Comma-separated: rtn, gptq, awq, hqq, smoothquant, quarot.")
     ] = "rtn,gptq,awq,hqq,smoothquant,quarot",
     bits: Annotated[str, typer.Option(help="Comma-separated weight bit-widths (2-8).")] = "2,3,4,8",
-    group: Annotated[int, typer.Option(help="Group size (16-256); 0 for one scale per output channel.")] = 128,
+    group: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated group sizes (16-256), 0 for one scale per output channel; default: the largest "
+            "of 128, 64, 32, 16 that fits the model's narrowest layer."
+        ),
+    ] = "auto",
     sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric INT grids (no zero points).")] = False,
+    windows: Annotated[
+        int | None, typer.Option(help="Windows per part (search and held out); default 16 search, 64 held out.")
+    ] = None,
+    seq_len: Annotated[
+        int | None, typer.Option(help="Tokens per window (capped by the model's context); default 512.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Windows per forward pass; default 8.")] = None,
+    dtype: DtypeOpt = "float32",
     study_name: Annotated[
         str | None,
         typer.Option(
@@ -305,15 +340,18 @@ def baseline_run(
     held-out parts, perplexity, seconds. Calibration (GPTQ, AWQ, SmoothQuant) uses the search part only."""
     from qopt import baselines
 
-    chosen = baselines.schemes(
-        _csv(methods, "--methods", str), _csv(bits, "--bits", int), group_size=group or None, symmetric=sym
-    )
+    method_list, bit_list = _csv(methods, "--methods", str), _csv(bits, "--bits", int)
+    groups = None if group == "auto" else [g or None for g in _csv(group, "--group", int)]
+    overrides = {"seq_len": seq_len, "batch_size": batch_size, "search_windows": windows, "eval_windows": windows}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if study_name is not None:
         from qopt import study
 
         _, config = study.load(study_name, storage)
         if model is not None or data is not None:
             raise QoptError("--study measures on the study's own model and data; drop --model and --data")
+        if overrides:
+            raise QoptError("--study measures with the study's own evaluation settings; drop --windows/--seq-len")
         run = study.SearchRun(dataclasses.replace(config, device=device or config.device))
         evaluator = run.evaluator
     else:
@@ -321,10 +359,17 @@ def baseline_run(
             raise QoptError("give --model and --data, or --study NAME")
         from qopt.data import load_text
         from qopt.evaluate import EvalSettings, Evaluator
-        from qopt.model import load_model
+        from qopt.model import load_model, parse_dtype
 
         text = load_text(data)
-        evaluator = Evaluator.from_text(load_model(model, device=device), text, EvalSettings())
+        lm = load_model(model, device=device, dtype=parse_dtype(dtype))
+        _say_source(lm)
+        evaluator = Evaluator.from_text(lm, text, EvalSettings(**overrides), progress=not as_json)
+    if groups is None:
+        groups = [baselines.fitting_group_size(evaluator.lm.units)]
+        if not as_json:
+            typer.echo(f"group size {groups[0]} (the largest of 128, 64, 32, 16 that fits every layer)", err=True)
+    chosen = [s for g in groups for s in baselines.schemes(method_list, bit_list, group_size=g, symmetric=sym)]
     if not as_json:
         parts = evaluator.split
         typer.echo(

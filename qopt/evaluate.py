@@ -4,9 +4,15 @@ Metrics, over all positions of every window in one part of the data:
 - `kl`: mean KL(P_fp || P_q) of next-token distributions, in nats per token;
 - `ppl`: perplexity of the quantized model on the text;
 - `top1`: fraction of positions where both models' most likely token agree.
-The unquantized model's log-probabilities are computed once per part and
-cached in memory; quantized weights are cached per (module, config), and
-calibration statistics on disk (`qopt.cache`).
+Logits exist one chunk of positions at a time: the model runs up to its
+final hidden states, and the output head is applied to `_LOGITS_CHUNK_BYTES`
+worth of positions at once, so no tensor of tokens x vocabulary outlives a
+chunk. The unquantized model's distributions are kept as what they are made
+from, its final hidden states (hidden x 4 bytes per token: 2.3 KB for
+SmolLM2-135M, against 192 KB for its log-probs), and recomputed chunk by
+chunk with the unquantized head: KL stays exact over the full vocabulary, at
+the price of one more head matmul per chunk. Quantized weights are cached per
+(module, config), and calibration statistics on disk (`qopt.cache`).
 
 Every part is scored in the same batches, the first of `screen_windows`
 windows: after it, a strategy may be stopped (`Rejected`) because it
@@ -16,7 +22,7 @@ screening), at a fraction of the full cost.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -29,12 +35,12 @@ from qopt.cache import CalibrationCache, model_fingerprint, tokens_fingerprint
 from qopt.calibration import ActivationStats, collect_activation_stats
 from qopt.data import TokenSplit, split_windows, tokenize
 from qopt.errors import QoptError
-from qopt.model import LoadedModel
+from qopt.model import HeadInput, LoadedModel
 from qopt.quantizer import Quantizer
 from qopt.strategy import Strategy
 
-#: Refuse to cache more reference log-probs than this (bytes); use fewer windows.
-REFERENCE_CACHE_LIMIT = 4 * 2**30
+#: Logits (and their log-softmax) are computed for this many bytes of positions x vocab at a time.
+_LOGITS_CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,9 @@ class EvalSettings:
     `screen_windows` is the first batch: the low-fidelity look at a strategy.
     `weight_cache_mib` bounds the memory for quantized weights kept between
     strategies (0 turns the cache off); `calibration_cache` keeps calibration
-    statistics on disk.
+    statistics on disk. `calib_memory_mib`
+    bounds the Hessians held at once while they are collected (the rest wait
+    on disk, in the calibration cache).
     """
 
     seq_len: int = 512
@@ -60,9 +68,11 @@ class EvalSettings:
     seed: int = 0
     weight_cache_mib: int = 1024
     calibration_cache: bool = True
+    calib_memory_mib: int = 1024
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "search_windows", "eval_windows", "calib_windows", "batch_size", "screen_windows"):
+        names = ("seq_len", "search_windows", "eval_windows", "calib_windows", "batch_size", "screen_windows")
+        for name in (*names, "calib_memory_mib"):
             if getattr(self, name) < 1:
                 raise QoptError(f"eval.{name}: {getattr(self, name)} must be at least 1")
         if self.weight_cache_mib < 0:
@@ -111,8 +121,23 @@ Verdict = Callable[[float], "str | None"]
 
 @dataclass(frozen=True)
 class _Reference:
-    logprobs: torch.Tensor  # [n_windows, seq_len, vocab], fp32
-    nll: float  # summed next-token NLL of the unquantized model
+    """The unquantized model on one part: what its next-token distributions are made of.
+
+    `hidden` is [n_windows, seq_len, hidden] (the model's dtype, on the CPU):
+    the final hidden states the output head turns into logits; `head_weight`
+    ([vocab, hidden]) and `head_bias` are the unquantized head's own parameters
+    (never overwritten: the quantizer swaps parameters instead). `nll` is the
+    summed next-token NLL.
+    """
+
+    hidden: torch.Tensor
+    head_weight: torch.Tensor
+    head_bias: torch.Tensor | None
+    nll: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.hidden.numel() * self.hidden.element_size()
 
 
 class Evaluator:
@@ -159,16 +184,15 @@ class Evaluator:
         start = time.perf_counter()
         with self.quantizer.applied(strategy, seed=self.settings.seed) as report:
             kl_sum, nll_sum, agree = 0.0, 0.0, 0
-            for idx, logprobs in self._forward(windows, f"eval {part}"):
-                ids = windows[idx].to(logprobs.device)
-                ref = reference.logprobs[idx].to(logprobs.device)
-                kl_sum += float((ref.exp() * (ref - logprobs)).sum())
-                nll_sum += _nll(logprobs, ids)
-                agree += int((logprobs.argmax(-1) == ref.argmax(-1)).sum())
+            for idx, scored in self._score(windows, f"eval {part}", reference):
+                kl_sum += scored.kl
+                nll_sum += scored.nll
+                agree += scored.agree
                 if idx.start == 0:
-                    screen_kl = kl_sum / ids.numel()
+                    n_positions = windows[idx].numel()
+                    screen_kl = kl_sum / n_positions
                     # A verdict on the whole part would discard a full measurement, not save one.
-                    self._screen(screen_kl, ids.numel(), collapse_kl, verdict if idx.stop < len(windows) else None)
+                    self._screen(screen_kl, n_positions, collapse_kl, verdict if idx.stop < len(windows) else None)
         seconds = time.perf_counter() - start
         positions = windows.numel()
         cost = report.cost
@@ -197,27 +221,41 @@ class Evaluator:
             raise Rejected(reason, kl, tokens)
 
     def reference(self, part: str) -> _Reference:
-        """The unquantized model's log-probs and NLL on `part` (computed once, then cached)."""
+        """The unquantized model's final hidden states and NLL on `part` (computed once, then kept)."""
         if part not in self._references:
             windows = self.split.part(part)
-            vocab = self.lm.model.get_output_embeddings().weight.shape[0]
-            size = windows.numel() * vocab * 4
-            if size > REFERENCE_CACHE_LIMIT:
-                raise QoptError(
-                    f"the reference log-probs of {len(windows)} windows would take {size / 2**30:.1f} GiB; "
-                    "use fewer windows or a shorter seq_len"
-                )
             self.quantizer.restore()
-            store = torch.empty(*windows.shape, vocab)
+            head = self.lm.model.get_output_embeddings()
+            weight, bias = head.weight, getattr(head, "bias", None)
+            store = None
             nll = 0.0
-            for idx, logprobs in self._forward(windows, f"reference {part}"):
-                store[idx] = logprobs.cpu()
-                nll += _nll(logprobs, windows[idx].to(logprobs.device))
-            self._references[part] = _Reference(store, nll)
+            for idx, hidden in self._hidden_states(windows, f"reference {part}"):
+                if store is None:
+                    store = torch.empty(*windows.shape, hidden.shape[-1], dtype=hidden.dtype)
+                store[idx] = hidden.cpu()
+                targets = _targets(windows[idx]).to(hidden.device)
+                for chunk, lp in self._logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, bias):
+                    nll -= float(_picked(lp, targets[chunk]).sum())
+            self._references[part] = _Reference(store, weight, bias, nll)
         return self._references[part]
 
-    def _forward(self, windows: torch.Tensor, label: str):
-        """Yield (window slice, log-probs [batch, seq_len, vocab] fp32) per batch.
+    def _score(self, windows: torch.Tensor, label: str, reference: _Reference):
+        """Yield (window slice, `_Scored`) per batch of the current (quantized) model against `reference`."""
+        head = self.lm.model.get_output_embeddings()
+        for idx, hidden in self._hidden_states(windows, label):
+            targets = _targets(windows[idx]).to(hidden.device)
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            ref_flat = reference.hidden[idx].reshape(flat.shape).to(hidden.device)
+            ref_chunks = self._logprobs(ref_flat, reference.head_weight, reference.head_bias)
+            kl, nll, agree = 0.0, 0.0, 0
+            for (chunk, lp), (_, ref) in zip(self._logprobs(flat, head), ref_chunks, strict=True):
+                kl += float((ref.exp() * (ref - lp)).sum())
+                nll -= float(_picked(lp, targets[chunk]).sum())
+                agree += int((lp.argmax(-1) == ref.argmax(-1)).sum())
+            yield idx, _Scored(kl, nll, agree)
+
+    def _hidden_states(self, windows: torch.Tensor, label: str):
+        """Yield (window slice, final hidden states [batch, seq_len, hidden]) per batch.
 
         The first batch is the `screen_windows` windows, then `batch_size` at a
         time. Every pass (reference included) batches the same way, so an
@@ -226,35 +264,82 @@ class Evaluator:
         batch = self.settings.batch_size
         head = self.settings.screen_windows
         slices = [slice(0, head)] + [slice(s, s + batch) for s in range(head, len(windows), batch)]
+        capture = HeadInput(self.lm.model)
         with torch.inference_mode():
             for idx in tqdm(slices, desc=label, disable=not self.progress, leave=False):
-                logits = self.lm.model(input_ids=windows[idx].to(self.lm.device)).logits
-                yield idx, torch.log_softmax(logits.float(), dim=-1)
+                with capture:
+                    self.lm.model(input_ids=windows[idx].to(self.lm.device))
+                yield idx, capture.hidden
+
+    def _logprobs(self, hidden: torch.Tensor, head, bias: torch.Tensor | None = None):
+        """Yield (row slice, log-probs [rows, vocab] fp32) for [n, hidden] final hidden states,
+        `_LOGITS_CHUNK_BYTES` of logits at a time. `head` is the output head module (as
+        currently quantized), or a [vocab, hidden] weight used with `bias`."""
+        vocab = (head if isinstance(head, torch.Tensor) else head.weight).shape[0]
+        rows = max(1, _LOGITS_CHUNK_BYTES // (4 * vocab))
+        softcap = getattr(self.lm.model.config, "final_logit_softcapping", None)
+        with torch.inference_mode():
+            for start in range(0, hidden.shape[0], rows):
+                chunk = slice(start, start + rows)
+                if isinstance(head, torch.Tensor):
+                    logits = torch.nn.functional.linear(hidden[chunk], head, bias)
+                else:
+                    logits = head(hidden[chunk])
+                logits = logits.float()
+                if softcap:  # Gemma-2 style: the model's forward would have done this after the head
+                    logits = torch.tanh(logits / softcap) * softcap
+                yield chunk, torch.log_softmax(logits, dim=-1)
 
     def _calibrate(self, hessians: bool) -> ActivationStats:
         """Statistics of the calibration windows: read from the disk cache, else collected
-        (with the model unquantized) and stored there."""
+        (with the model unquantized, Hessians streamed to the cache in groups of layers
+        that fit `calib_memory_mib`) and stored there."""
         windows = self.split.search[: self.settings.calib_windows]
+        collect = functools.partial(
+            collect_activation_stats,
+            self.lm,
+            windows,
+            self.settings.batch_size,
+            hessians,
+            max_bytes=self.settings.calib_memory_mib * 2**20,
+        )
         if not self.settings.calibration_cache:
-            return collect_activation_stats(self.lm, windows, self.settings.batch_size, hessians)
+            return collect()
         if self._model_hash is None:
             self._model_hash = model_fingerprint(self.lm.model)
         cache = CalibrationCache()
         path = cache.path(self._model_hash, tokens_fingerprint(windows), hessians)
         stored = cache.load(path)
         if stored is not None:
-            return ActivationStats(**stored)
-        stats = collect_activation_stats(self.lm, windows, self.settings.batch_size, hessians)
+            return stored
         try:
-            cache.store(path, dataclasses.asdict(stats))
-        except OSError:  # a read-only or full cache directory costs speed, not correctness
-            pass
-        return stats
+            return cache.store(path, lambda folder: collect(folder=folder))
+        except OSError:  # a read-only or full cache directory costs memory and speed, not correctness
+            return collect()
 
 
-def _nll(logprobs: torch.Tensor, ids: torch.Tensor) -> float:
-    """Summed next-token NLL: position t predicts token t+1."""
-    return float(-logprobs[:, :-1].gather(-1, ids[:, 1:, None]).sum())
+@dataclass(frozen=True)
+class _Scored:
+    """Sums over one batch: KL (nats), NLL (nats), positions whose top-1 tokens agree."""
+
+    kl: float
+    nll: float
+    agree: int
+
+
+def _targets(ids: torch.Tensor) -> torch.Tensor:
+    """The next token of every position of [batch, seq_len] windows, flattened; -1 where
+    none follows in the window (the last position)."""
+    targets = torch.full_like(ids, -1)
+    targets[:, :-1] = ids[:, 1:]
+    return targets.reshape(-1)
+
+
+def _picked(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-probs [rows, vocab] of each row's target token; 0 where the target is -1."""
+    valid = targets >= 0
+    picked = logprobs.gather(-1, targets.clamp(min=0)[:, None])[:, 0]
+    return picked.masked_fill(~valid, 0.0)
 
 
 def _ppl(nll_sum: float, windows: torch.Tensor) -> float:

@@ -18,6 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qopt.errors import QoptError, first_line
+from qopt.gguf_source import converted_folder, describe_grid, is_gguf
 
 # Leaf module name -> role, where the name alone decides it.
 _ROLE_BY_NAME = {
@@ -48,6 +49,7 @@ class QuantUnit:
     is_embedding: bool = False
     transposed: bool = False
     aliases: tuple[str, ...] = ()
+    alias_modules: tuple[nn.Module, ...] = ()
 
     @property
     def weight(self) -> nn.Parameter:
@@ -58,20 +60,34 @@ class QuantUnit:
         w = self.module.weight.detach()
         return w.T if self.transposed else w
 
-    def write_weight(self, w: torch.Tensor) -> None:
-        """Overwrite the weight in place from an [out, in] tensor."""
-        target = self.module.weight.data
-        target.copy_(w.T if self.transposed else w)
+    def swap_weight(self, weight: nn.Parameter | torch.Tensor) -> nn.Parameter:
+        """Make `weight` the module's parameter (and its tied aliases'); returns the one it replaced.
+
+        A tensor is taken as [out, in] and wrapped without a copy; a Parameter as the
+        module stores it. The replaced parameter is untouched: swapping it back
+        restores the model exactly, with no copy of the pristine weight kept anywhere.
+        """
+        if not isinstance(weight, nn.Parameter):
+            weight = nn.Parameter(weight.T if self.transposed else weight, requires_grad=False)
+        replaced = self.module.weight
+        for module in (self.module, *self.alias_modules):
+            module.weight = weight
+        return replaced
 
 
 @dataclass(eq=False)
 class LoadedModel:
-    """A causal LM, its tokenizer, and its quantizable units."""
+    """A causal LM, its tokenizer, and its quantizable units.
+
+    `source_note` says, for a model read from an already quantized file (GGUF),
+    what its weights were stored as; None otherwise.
+    """
 
     model: nn.Module
     tokenizer: object
     name: str
     units: list[QuantUnit] = field(default_factory=list)
+    source_note: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -99,6 +115,35 @@ class LoadedModel:
         raise KeyError(name)
 
 
+class HeadInput:
+    """While entered, the output head's input (the model's final hidden states,
+    [batch, seq_len, hidden]) is kept in `hidden`, and the head computes logits for
+    the first position only.
+
+    A caller that needs every position's distribution applies the head itself, a
+    chunk of positions at a time, instead of the model making a [batch, seq_len,
+    vocab] tensor (805 MB for 8 x 512 tokens of a 49k vocabulary); a caller that
+    needs none (calibration) saves that time and memory.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.head = model.get_output_embeddings()
+        self.hidden: torch.Tensor | None = None
+        self._handle = None
+
+    def _hook(self, _module, args):
+        self.hidden = args[0]
+        return (args[0][..., :1, :], *args[1:])
+
+    def __enter__(self) -> HeadInput:
+        self._handle = self.head.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+        self._handle = None
+
+
 def pick_device(device: str | None = None) -> torch.device:
     """`device` if given, else CUDA when available, else CPU."""
     if device:
@@ -109,24 +154,48 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a causal LM by hub name or local directory, on `device` (auto if None).
+#: The model dtypes a user can ask for (`--dtype`, `dtype:` in a study config).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    Raises `QoptError` with one sentence for a missing path or an unloadable model.
+
+def parse_dtype(name: str) -> torch.dtype:
+    """The torch dtype named `name` (one of `DTYPES`)."""
+    if name not in DTYPES:
+        raise QoptError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a causal LM by hub name, local directory or `.gguf` file, on `device` (auto if None).
+
+    `dtype` is what the weights are held and computed in: float32 is the fast
+    choice on CPUs without bf16 arithmetic, bfloat16 halves the memory.
+    Raises `QoptError` with one sentence for a missing path, an unloadable model,
+    or a checkpoint whose weights do not cover the model its config describes.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_local_path(name_or_path)
+    folder = resolve_model_path(name_or_path)
     target = pick_device(device)
     # transformers logs at warning level for routine things (unused weights, long inputs).
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=False, output_loading_info=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise QoptError(f"could not load model {name_or_path!r}: {first_line(exc)}") from exc
+    missing = info.get("missing_keys") or []
+    if missing:
+        raise QoptError(
+            f"model {name_or_path!r} lacks {len(missing)} weights its config needs (e.g. {sorted(missing)[0]}): "
+            "its weight files are missing or belong to another model"
+        )
     model.to(target).eval()
-    return wrap_model(model, tokenizer, name_or_path)
+    lm = wrap_model(model, tokenizer, name_or_path)
+    lm.source_note = describe_grid(Path(folder)) if Path(folder).is_dir() else None
+    return lm
 
 
 def load_skeleton(name_or_path: str) -> LoadedModel:
@@ -136,14 +205,27 @@ def load_skeleton(name_or_path: str) -> LoadedModel:
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _check_local_path(name_or_path)
+    folder = resolve_model_path(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise QoptError(f"could not load model config {name_or_path!r}: {first_line(exc)}") from exc
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return wrap_model(model, tokenizer=None, name=name_or_path)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """What transformers should load for `name_or_path`: a GGUF file's converted folder
+    (converted on first use), else the directory or hub name itself."""
+    if is_gguf(name_or_path):
+        return str(converted_folder(name_or_path))
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        raise QoptError(
+            f"model path {name_or_path} does not exist (give a local model directory, a .gguf file or a hub name)"
+        )
+    return name_or_path
 
 
 def wrap_model(model: nn.Module, tokenizer: object, name: str) -> LoadedModel:
@@ -163,7 +245,12 @@ def find_units(model: nn.Module) -> list[QuantUnit]:
         if module is embed:
             aliases = (names[id(head)],) if tied else ()
             vocab, hidden = module.weight.shape
-            units.append(QuantUnit(name, "embed", module, vocab, hidden, is_embedding=True, aliases=aliases))
+            units.append(
+                QuantUnit(
+                    name, "embed", module, vocab, hidden, is_embedding=True, aliases=aliases,
+                    alias_modules=(head,) if tied else (),
+                )
+            )  # fmt: skip
         elif module is head:
             if not tied:
                 out, inp = module.weight.shape
@@ -175,12 +262,6 @@ def find_units(model: nn.Module) -> list[QuantUnit]:
             inp, out = module.weight.shape
             units.append(QuantUnit(name, _role(name), module, out, inp, transposed=True))
     return units
-
-
-def _check_local_path(name_or_path: str) -> None:
-    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
-    if looks_local and not Path(name_or_path).expanduser().is_dir():
-        raise QoptError(f"model path {name_or_path} does not exist (give a local model directory or a hub name)")
 
 
 def _role(name: str) -> str:

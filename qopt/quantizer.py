@@ -1,9 +1,11 @@
 """Apply a Strategy to a loaded model in place, and undo it.
 
-Weights are fake-quantized (quantized and dequantized back to fp32) so the
-model runs unchanged code; activation quantization and low-precision
-accumulation replace the forward of the affected modules. The pristine weights
-are kept, so the next strategy starts clean without reloading the model.
+Weights are fake-quantized (quantized and dequantized back to the model's
+dtype) so the model runs unchanged code; activation quantization and
+low-precision accumulation replace the forward of the affected modules. A
+quantized weight is swapped in as a new parameter and the model's own
+parameter is put back afterwards: the pristine weights are never overwritten,
+and never copied.
 With a weight cache, a (module, config) pair quantized before is not
 quantized again: the next strategy pays only for the layers that changed.
 """
@@ -55,7 +57,7 @@ class Quantizer:
         self.cache = WeightCache(cache_bytes)
         self._calibrate = calibrate
         self._stats: ActivationStats | None = None
-        self._pristine: dict[str, torch.Tensor] = {}
+        self._pristine: dict[str, torch.nn.Parameter] = {}  # unit name -> its own parameter, while swapped out
         self._patched: list[QuantUnit] = []
 
     def plan(self, strategy: Strategy) -> dict[str, LayerConfig]:
@@ -80,9 +82,8 @@ class Quantizer:
 
     def restore(self) -> None:
         """Put back every pristine weight and original forward."""
-        with torch.inference_mode():
-            for name, w in self._pristine.items():
-                self.lm.unit(name).write_weight(w)
+        for name, original in self._pristine.items():
+            self.lm.unit(name).swap_weight(original)
         self._pristine.clear()
         for unit in self._patched:
             del unit.module.forward
@@ -130,8 +131,7 @@ class Quantizer:
             entry = self.remember(unit.name, config, seed, w_hat, transform)
         w_hat, transform = entry
         if w_hat is not None:
-            self._pristine[unit.name] = w.clone()
-            unit.write_weight(w_hat)
+            self._pristine[unit.name] = unit.swap_weight(w_hat)
         if needs_forward:
             forward = _emulated_forward((w if w_hat is None else w_hat).float(), config, transform)
             unit.module.forward = types.MethodType(forward, unit.module)

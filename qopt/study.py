@@ -64,7 +64,8 @@ class StudyConfig:
     (`eval.screen_windows` windows) a trial stops if some completed trial
     with no more bpw had a first-batch KL `screen_margin` times lower (0: off).
     KL is the screening statistic whichever quality objective is searched.
-    `baselines` are uniform strategies enqueued as the first trials: each
+    `dtype` is what the model's weights are held and computed in (float32,
+    bfloat16 or float16). `baselines` are uniform strategies enqueued as the first trials: each
     entry is a bit-width (round-to-nearest) or a mapping of genes laid over the
     search's `base` config (e.g. `{bits: 3, granularity: channel}` or
     `{bits: 3, rounding: gptq}`).
@@ -80,6 +81,7 @@ class StudyConfig:
     screen_margin: float = 1.25
     baselines: tuple[int | Mapping[str, Any], ...] = (2, 3, 4, 8)
     device: str | None = None
+    dtype: str = "float32"
     eval: EvalSettings = field(default_factory=EvalSettings)
     search: SearchConfig = field(default_factory=SearchConfig)
     variation: VariationConfig = field(default_factory=VariationConfig)
@@ -99,6 +101,9 @@ class StudyConfig:
         if self.screen_margin != 0 and self.screen_margin < 1:
             raise QoptError(f"screen_margin: {self.screen_margin} must be 0 (off) or at least 1")
         baseline_strategies(self)  # reject a malformed baseline now, naming it
+        from qopt.model import parse_dtype
+
+        parse_dtype(self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -251,10 +256,10 @@ class SearchRun:
 
     def __init__(self, config: StudyConfig, progress: bool = False) -> None:
         from qopt.data import load_text
-        from qopt.model import load_model
+        from qopt.model import load_model, parse_dtype
 
         self.config = config
-        self.lm = load_model(config.model, device=config.device)
+        self.lm = load_model(config.model, device=config.device, dtype=parse_dtype(config.dtype))
         self.evaluator = Evaluator.from_text(self.lm, load_text(config.data), config.eval, progress=progress)
         self.space = SearchSpace(self.lm.units, config.search)
         #: Context of each evaluation: where a worker's stop signal may interrupt (see `_Stop`).

@@ -98,9 +98,11 @@ def test_calibration_cache_key_follows_the_weights_and_the_tokens(tmp_path):
     cache = CalibrationCache(tmp_path)
     assert cache.path("m", "t", True) != cache.path("m", "t", False) != cache.path("m", "u", False)
     path = cache.path("m", "t", False)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"not a torch file")  # e.g. a write cut short
+    path.mkdir(parents=True)
+    (path / "stats.json").write_text('{"n_tokens": 4, "hessians": false}')
+    (path / "absmax.safetensors").write_bytes(b"not a safetensors file")  # e.g. a damaged disk
     assert cache.load(path) is None
+    assert cache.load(cache.path("m", "u", True)) is None  # never written
 
 
 @pytest.mark.parametrize("bad", [{"screen_windows": 0}, {"weight_cache_mib": -1}, {"batch_size": 0}])

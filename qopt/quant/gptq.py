@@ -15,10 +15,13 @@ round-to-nearest.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
-from qopt.quant.scales import block_range, quantize_in_range, to_blocks
+from qopt.quant.formats import float_levels, int_range
+from qopt.quant.rounding import round_to_levels
+from qopt.quant.scales import block_range, grid_params, to_blocks
 from qopt.strategy import LayerConfig
 
 DAMP = 0.01
@@ -58,6 +61,7 @@ def gptq_quantize(
         lo, hi = (lo, hi) if config.granularity == "channel" else (lo.expand(w.shape[0], 1), hi.expand(w.shape[0], 1))
     else:
         ranges = []
+    rounder = None if group else _column_rounder(lo, hi, config)
     # Blocks of whole groups, so a group's range is always read from up-to-date weights.
     step = group * math.ceil(BLOCK_COLUMNS / group) if group else BLOCK_COLUMNS
     q_all = torch.zeros_like(w)
@@ -73,8 +77,9 @@ def gptq_quantize(
                     _masked(segment, None if kept is None else kept[:, start + i : start + i + group]), config
                 )
                 ranges.append((lo, hi))
+                rounder = _column_rounder(lo, hi, config)
             column = w_block[:, i : i + 1]
-            q = quantize_in_range(column, lo, hi, config)
+            q = rounder(column)
             if kept is not None:
                 q = torch.where(kept[:, start + i : start + i + 1], column.half().float(), q)
             q_all[:, start + i] = q[:, 0]
@@ -85,6 +90,22 @@ def gptq_quantize(
     lo_all = torch.cat([lo for lo, _ in ranges], dim=1).reshape(-1, 1)  # [out, n_groups] row-major = to_blocks
     hi_all = torch.cat([hi for _, hi in ranges], dim=1).reshape(-1, 1)
     return q_all, lo_all, hi_all
+
+
+def _column_rounder(lo: torch.Tensor, hi: torch.Tensor, config: LayerConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Round-to-nearest of an [out, 1] column onto the grid of the range [lo, hi] ([out, 1]).
+
+    The same arithmetic as `scales.quantize_in_range`, with the grid resolved once
+    per group instead of once per column: the sweep calls this for every column.
+    """
+    scale, zero = grid_params(lo, hi, config)
+    if config.format != "int":
+        levels = float_levels(config.format, config.bits).to(lo.device)
+        return lambda column: round_to_levels(column / scale, levels) * scale
+    qmin, qmax = int_range(config.bits, config.symmetric)
+    if zero is None:
+        return lambda column: torch.round(column / scale).clamp_(qmin, qmax).mul_(scale)
+    return lambda column: torch.round(column / scale + zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
 
 
 def _masked(w: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
