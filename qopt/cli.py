@@ -243,6 +243,7 @@ def export_command(
     storage: StorageOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = "float32",
+    force: Annotated[bool, typer.Option("--force", help="Replace an output folder that is not empty.")] = False,
 ) -> None:
     """Write a strategy as a packed checkpoint: strategy.yaml, model.safetensors (codes
     bit-packed, fp16 scales/zeros/outliers), manifest.json, and llama-tensor-types.txt
@@ -255,6 +256,7 @@ def export_command(
     from qopt.data import load_text
     from qopt.evaluate import EvalSettings, Evaluator
     from qopt.export import export_checkpoint
+    from qopt.io import check_output, fresh_folder
     from qopt.llamacpp import override_file, tensor_types
     from qopt.model import load_model, parse_dtype
     from qopt.quantizer import Quantizer
@@ -267,13 +269,23 @@ def export_command(
         if trial is None:
             assert max_bpw is not None
             trial = study.best(name, max_bpw, storage)[0].number
-        config, _, parsed = study.trial_strategy(name, trial, storage)
+        config, frozen, parsed = study.trial_strategy(name, trial, storage)
         model, data, settings = config.model, config.data, config.eval
+        if frozen.state.name == "PRUNED":
+            typer.echo(
+                f"warning: trial {trial} was stopped early ({frozen.user_attrs.get('rejected', 'pruned')}); "
+                "its quality was never measured in full",
+                err=True,
+            )
     else:
         assert strategy is not None
         if model is None:
             raise QoptError("--strategy needs --model")
         parsed, settings = Strategy.load(strategy), EvalSettings()
+    protected = [Path(model)] if Path(model).expanduser().is_dir() else []
+    if Path(model).expanduser().is_file():  # a .gguf file: its folder holds the source
+        protected = [Path(model).expanduser().parent]
+    check_output(output, force=force, protected=protected)  # refuse a bad output before loading anything
     lm = load_model(model, device=device, dtype=parse_dtype(dtype))
     _say_source(lm)
     if data is not None:
@@ -281,9 +293,10 @@ def export_command(
     else:
         quantizer = Quantizer(lm)
     source = {"data": data, "eval": dataclasses.asdict(settings)} if data is not None else {}
-    manifest = export_checkpoint(quantizer, parsed, output, seed=settings.seed, source=source)
-    types = tensor_types(lm.units, quantizer.plan(parsed))
-    (output / "llama-tensor-types.txt").write_text(override_file(types, parsed.name or str(output)))
+    with fresh_folder(output, force=force, protected=protected) as folder:
+        manifest = export_checkpoint(quantizer, parsed, folder, seed=settings.seed, source=source)
+        types = tensor_types(lm.units, quantizer.plan(parsed))
+        (folder / "llama-tensor-types.txt").write_text(override_file(types, parsed.name or str(output)))
     lost = sum(bool(t.lost) for t in types)
     counted, stored = manifest["quantized_counted_bytes"], manifest["quantized_stored_bytes"]
     typer.echo(f"wrote {output}: {parsed.name or 'strategy'} at {manifest['bpw']:.3f} bpw")
@@ -458,7 +471,9 @@ def study_launch(
 
     from qopt import study
     from qopt.storage import count_trials
+    from qopt.workers import check_launch
 
+    check_launch(n_trials, until, timeout, workers, heartbeat)
     if n_trials is None and timeout is None and until is None:
         raise QoptError("give --n-trials, --until or --timeout")
     handle, _ = study.load(name, storage)  # counts below are database counts: no trial is read
@@ -497,7 +512,7 @@ def study_front(name: NameArg, storage: StorageOpt = None, as_json: JsonOpt = Fa
     """The Pareto front (and baselines), with metrics on the held-out evaluation part."""
     from qopt import study
 
-    members = study.front(name, storage)
+    members = study.front(name, storage, progress=not as_json)
     if as_json:
         typer.echo(json.dumps([m.__dict__ for m in members]))
         return
@@ -535,7 +550,7 @@ def study_plot(
     from qopt import study
     from qopt.report import front_figure
 
-    members = study.front(name, storage) if held_out else []
+    members = study.front(name, storage, progress=True) if held_out else []
     optuna_study, config = study.load(name, storage)
     try:
         front_figure(optuna_study, config, members).write_html(output, include_plotlyjs=True)
@@ -559,7 +574,7 @@ def study_report(
     from qopt.report import front_figure, structure_html
     from qopt.structure import summary
 
-    members = study.front(name, storage) if held_out else []
+    members = study.front(name, storage, progress=True) if held_out else []
     optuna_study, config = study.load(name, storage)
     found = study.structure(name, storage)
     if not found.front:

@@ -35,7 +35,15 @@ def load_text(source: str) -> str:
         raise QoptError(
             f"data file {source} does not exist (give a text file, a JSON list of strings, or hf:NAME[:CONFIG[:SPLIT]])"
         )
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise QoptError(
+            f"data file {source} is not UTF-8 text (undecodable byte at offset {exc.start}); give a text file, "
+            "a JSON list of strings, or hf:NAME[:CONFIG[:SPLIT]]"
+        ) from None
+    except OSError as exc:
+        raise QoptError(f"cannot read data file {source}: {exc.strerror or exc}") from None
     if path.suffix == ".json":
         try:
             rows = json.loads(text)

@@ -148,9 +148,15 @@ def pick_device(device: str | None = None) -> torch.device:
     """`device` if given, else CUDA when available, else CPU."""
     if device:
         try:
-            return torch.device(device)
+            chosen = torch.device(device)
         except RuntimeError as exc:
             raise QoptError(f"device {device!r} is not a valid torch device") from exc
+        if chosen.type == "cuda":
+            if not torch.cuda.is_available():
+                raise QoptError(f"device {device!r}: this torch build or machine has no CUDA GPU; use --device cpu")
+            if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+                raise QoptError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA devices")
+        return chosen
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -184,8 +190,8 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
             folder, dtype=dtype, trust_remote_code=False, output_loading_info=True
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise QoptError(f"could not load model {name_or_path!r}: {first_line(exc)}") from exc
+    except Exception as exc:  # a missing, foreign or damaged checkpoint raises many types
+        raise QoptError(f"could not load model {name_or_path!r}: {first_line(exc)}") from None
     missing = info.get("missing_keys") or []
     if missing:
         raise QoptError(

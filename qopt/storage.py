@@ -17,7 +17,8 @@ import json
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,11 @@ def redacted_url(url: str) -> str:
         return url.split("@")[-1]
 
 
-def open_storage(url: str | None = None, heartbeat: int | None = None, batched: bool = True) -> RDBStorage:
-    """An Optuna RDB storage for `url` (SQLite folders are created).
+def open_storage(
+    url: str | None = None, heartbeat: int | None = None, batched: bool = True, create: bool = False
+) -> RDBStorage:
+    """An Optuna RDB storage for `url`. A SQLite file (and its folder) is made only with
+    `create`; otherwise a missing one is an error, not a new empty database.
 
     With `heartbeat` (seconds), running trials send heartbeats; a trial
     silent for 3 heartbeats (its worker died) is failed by the next worker to
@@ -64,7 +68,10 @@ def open_storage(url: str | None = None, heartbeat: int | None = None, batched: 
     url = storage_url(url)
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///") :])
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.is_file():
+            raise QoptError(f"no study database at {path}; create a study first (`qopt study create NAME --config F`)")
     # pre-ping replaces connections a database restart or a proxy closed; recycle ages them out
     engine_kwargs = {} if url.startswith("sqlite") else {"pool_pre_ping": True, "pool_recycle": 300}
     kind = BatchedParamStorage if batched else RDBStorage
@@ -132,10 +139,13 @@ class BatchedParamStorage(RDBStorage):
             self._pending.setdefault(trial_id, []).append((param_name, param_value_internal, distribution))
 
     def flush(self, trial_id: int | None = None) -> None:
-        """Write the waiting parameters of `trial_id` (of every trial if None)."""
+        """Write the waiting parameters of `trial_id` (of every trial if None).
+
+        They leave memory only once written: after a failed write (the database is
+        away) the same call can be made again."""
         with self._pending_lock:
             ids = list(self._pending) if trial_id is None else [trial_id]
-            batches = [(i, self._pending.pop(i)) for i in ids if i in self._pending]
+            batches = [(i, list(self._pending[i])) for i in ids if i in self._pending]
         for tid, params in batches:
             with _create_scoped_session(self.scoped_session, True) as session:
                 trial = models.TrialModel.find_or_raise_by_id(tid, session)
@@ -145,6 +155,11 @@ class BatchedParamStorage(RDBStorage):
                     for n, v, d in params
                 ]
                 session.execute(sqlalchemy.insert(models.TrialParamModel), rows)  # one executemany
+            with self._pending_lock:
+                waiting = self._pending.get(tid, [])
+                del waiting[: len(params)]  # parameters drawn meanwhile stay waiting
+                if not waiting:
+                    self._pending.pop(tid, None)
 
     def _waiting(self, trial_id: int) -> list[tuple[str, float, BaseDistribution]]:
         with self._pending_lock:
@@ -183,16 +198,41 @@ class BatchedParamStorage(RDBStorage):
         return super().set_trial_state_values(trial_id, state, values)
 
 
-def count_trials(study: optuna.Study, state: TrialState | None = None, rejected_prefix: str | None = None) -> int:
-    """How many trials of `study` (in `state`; whose `rejected` user attribute starts with
-    `rejected_prefix`), counted by the database: reading the trials themselves would
-    load every parameter of every trial, seconds per thousand trials."""
+def write_params_now(trial: optuna.Trial) -> None:
+    """Write a running trial's drawn parameters to the database now, not when it ends: a
+    worker killed during the evaluation then leaves them for the trial's retry."""
+    backend = _backend(trial.study)
+    if isinstance(backend, BatchedParamStorage):
+        backend.flush(trial._trial_id)
+
+
+def record_heartbeat(trial: optuna.Trial) -> None:
+    """Record in the database that `trial`'s worker is alive (Optuna's heartbeat row)."""
+    trial.study._storage.record_heartbeat(trial._trial_id)
+
+
+def _backend(study: optuna.Study) -> optuna.storages.BaseStorage:
     storage = study._storage
-    backend = getattr(storage, "_backend", storage)  # Optuna wraps RDB storages in a cache
+    return getattr(storage, "_backend", storage)  # Optuna wraps RDB storages in a cache
+
+
+def count_trials(
+    study: optuna.Study,
+    state: TrialState | None = None,
+    rejected_prefix: str | None = None,
+    user_attrs: Mapping[str, str] | None = None,
+) -> int:
+    """How many trials of `study` (in `state`; whose `rejected` user attribute starts with
+    `rejected_prefix`; whose user attributes include the strings `user_attrs`), counted by
+    the database: reading the trials themselves would load every parameter of every trial,
+    seconds per thousand trials."""
+    backend = _backend(study)
     if not isinstance(backend, RDBStorage):  # e.g. in-memory: count what is there
         trials = study.get_trials(deepcopy=False, states=None if state is None else (state,))
         return sum(
-            rejected_prefix is None or t.user_attrs.get("rejected", "").startswith(rejected_prefix) for t in trials
+            (rejected_prefix is None or t.user_attrs.get("rejected", "").startswith(rejected_prefix))
+            and all(t.user_attrs.get(k) == v for k, v in (user_attrs or {}).items())
+            for t in trials
         )
     with _create_scoped_session(backend.scoped_session) as session:
         query = session.query(sqlalchemy.func.count(models.TrialModel.trial_id)).filter(
@@ -200,6 +240,11 @@ def count_trials(study: optuna.Study, state: TrialState | None = None, rejected_
         )
         if state is not None:
             query = query.filter(models.TrialModel.state == state)
+        for key, value in (user_attrs or {}).items():
+            attr = sqlalchemy.orm.aliased(models.TrialUserAttributeModel)
+            query = query.join(attr, attr.trial_id == models.TrialModel.trial_id).filter(
+                attr.key == key, attr.value_json == json.dumps(value)
+            )
         if rejected_prefix is not None:
             prefix = json.dumps(rejected_prefix)[:-1]  # the JSON string, without its closing quote
             query = query.join(models.TrialUserAttributeModel).filter(
@@ -207,6 +252,96 @@ def count_trials(study: optuna.Study, state: TrialState | None = None, rejected_
                 models.TrialUserAttributeModel.value_json.startswith(prefix, autoescape=True),
             )
         return int(query.scalar())
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    """What queries need of a trial, without its parameters: `values` (None unless
+    complete), `seconds` of wall time (None while running), and the user and system
+    attributes that were asked for."""
+
+    trial_id: int
+    number: int
+    state: TrialState
+    values: tuple[float, ...] | None
+    seconds: float | None
+    user_attrs: dict[str, Any]
+    system_attrs: dict[str, Any]
+
+
+def trial_summaries(
+    study: optuna.Study, user_keys: Sequence[str] = (), system_keys: Sequence[str] = ()
+) -> list[TrialSummary]:
+    """Every trial of `study`, summarised with a few targeted queries: a trial's hundreds of
+    parameters are never read (`study.get_trials` reads them all: seconds per thousand trials)."""
+    backend = _backend(study)
+    if not isinstance(backend, RDBStorage):
+        return [_summary(t, user_keys, system_keys) for t in study.get_trials(deepcopy=False)]
+    with _create_scoped_session(backend.scoped_session) as session:
+        columns = models.TrialModel.__table__.c  # the schema's columns (Optuna's ORM wraps some in properties)
+        rows = session.execute(
+            sqlalchemy.select(
+                columns.trial_id, columns.number, columns.state, columns.datetime_start, columns.datetime_complete
+            ).where(columns.study_id == study._study_id)
+        ).all()
+        ids = sqlalchemy.select(models.TrialModel.trial_id).where(models.TrialModel.study_id == study._study_id)
+        values: dict[int, dict[int, float]] = {}
+        value_columns = models.TrialValueModel.__table__.c
+        for trial_id, objective, value, kind in session.execute(
+            sqlalchemy.select(
+                value_columns.trial_id, value_columns.objective, value_columns.value, value_columns.value_type
+            ).where(value_columns.trial_id.in_(ids))
+        ):
+            values.setdefault(trial_id, {})[objective] = models.TrialValueModel.stored_repr_to_value(value, kind)
+        user = _attrs(session, models.TrialUserAttributeModel, user_keys, ids)
+        system = _attrs(session, models.TrialSystemAttributeModel, system_keys, ids)
+    out = []
+    for trial_id, number, state, start, complete in rows:
+        state = TrialState[state] if isinstance(state, str) else TrialState(state)
+        by_objective = values.get(trial_id)
+        out.append(
+            TrialSummary(
+                trial_id=trial_id,
+                number=number,
+                state=state,
+                values=tuple(by_objective[k] for k in sorted(by_objective))
+                if by_objective and state == TrialState.COMPLETE
+                else None,
+                seconds=(complete - start).total_seconds() if start and complete else None,
+                user_attrs=user.get(trial_id, {}),
+                system_attrs=system.get(trial_id, {}),
+            )
+        )
+    return sorted(out, key=lambda t: t.number)
+
+
+def load_trial(study: optuna.Study, trial_id: int) -> FrozenTrial:
+    """One trial with its parameters (one trial's rows, not the study's)."""
+    return study._storage.get_trial(trial_id)
+
+
+def _attrs(session, model, keys: Sequence[str], trial_ids) -> dict[int, dict[str, Any]]:
+    if not keys:
+        return {}
+    found: dict[int, dict[str, Any]] = {}
+    query = session.query(model.trial_id, model.key, model.value_json).filter(
+        model.trial_id.in_(trial_ids), model.key.in_(list(keys))
+    )
+    for trial_id, key, value_json in query:
+        found.setdefault(trial_id, {})[key] = json.loads(value_json)
+    return found
+
+
+def _summary(trial: FrozenTrial, user_keys: Sequence[str], system_keys: Sequence[str]) -> TrialSummary:
+    return TrialSummary(
+        trial_id=trial._trial_id,
+        number=trial.number,
+        state=trial.state,
+        values=tuple(trial.values) if trial.values is not None and trial.state == TrialState.COMPLETE else None,
+        seconds=trial.duration.total_seconds() if trial.duration is not None else None,
+        user_attrs={k: trial.user_attrs[k] for k in user_keys if k in trial.user_attrs},
+        system_attrs={k: trial.system_attrs[k] for k in system_keys if k in trial.system_attrs},
+    )
 
 
 def _speed_up_sqlite(engine) -> None:

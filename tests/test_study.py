@@ -65,11 +65,11 @@ def test_relaunch_adds_trials_and_survives_an_interrupt(config, url, monkeypatch
     original = qstudy.SearchRun.objective
     calls = {"n": 0}
 
-    def interrupting(self, trial):
+    def interrupting(self, trial, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return original(self, trial)
+        return original(self, trial, **kwargs)
 
     monkeypatch.setattr(qstudy.SearchRun, "objective", interrupting)
     with pytest.raises(KeyboardInterrupt):
@@ -144,3 +144,35 @@ def test_storage_errors_name_the_url_without_password():
         open_storage("postgresql+psycopg://qopt:hunter2@127.0.0.1:1/none")
     assert "hunter2" not in str(info.value) and "***" in str(info.value)
     assert optuna.__version__.startswith("5")
+
+
+def test_status_and_best_read_no_parameters_on_a_2000_trial_study(config, url, monkeypatch):
+    """(Timings at 5,000 trials: scripts/bench_queries.py.)"""
+    import numpy as np
+
+    qstudy.create("big", config, url)
+    qstudy.launch("big", n_trials=5, url=url, progress=False)
+    study, _ = qstudy.load("big", url)
+    real = next(t for t in study.trials if t.state == TrialState.COMPLETE)
+    rng = np.random.default_rng(0)
+    trials = []
+    for i in range(2000):
+        kl, bpw = float(rng.random()), float(2 + 3 * rng.random())
+        if i == 1000:  # the one best under 3 bpw: genes of a real trial, so it decodes to a strategy
+            kl, bpw = -1.0, 2.5
+        genes = dict(params=real.params, distributions=real.distributions) if i == 1000 else {}
+        trials.append(optuna.trial.create_trial(values=[kl, bpw], user_attrs={"bpw": bpw}, **genes))
+    study.add_trials(trials)
+    done = [t for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    expected_front = int(qstudy.non_dominated([t.values for t in done if t.user_attrs["bpw"] <= BUDGET]).sum())
+
+    def no_full_read(*_args, **_kwargs):
+        raise AssertionError("a query read every trial with its parameters")
+
+    monkeypatch.setattr(optuna.Study, "get_trials", no_full_read)
+    monkeypatch.setattr(optuna.Study, "best_trials", property(no_full_read))
+    info = qstudy.status("big", url)
+    assert info["complete"] == len(done) and info["trials"] == 2005
+    assert info["front"] == expected_front
+    trial, strategy = qstudy.best("big", 3.0, url)
+    assert trial.values[0] == -1.0 and trial.params == real.params and strategy.name
