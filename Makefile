@@ -38,7 +38,7 @@ demo: install
 	$(QOPT) study create $(STUDY) --config studies/stories260k.yaml
 	$(QOPT) study launch $(STUDY) --n-trials $(TRIALS)
 	$(QOPT) study front $(STUDY)
-	$(QOPT) export $(STUDY) --max-bpw 3.25 -o $(RUNS)/$(STUDY)-best
+	$(QOPT) export $(STUDY) --max-bpw 3.25 -o $(RUNS)/$(STUDY)-best --force
 	$(QOPT) study report $(STUDY) -o $(RUNS)/$(STUDY)-report.html
 
 bench: install

@@ -111,7 +111,8 @@ def collect_activation_stats(
 def save_absmax(stats: ActivationStats, folder: Path) -> None:
     """Write the abs-maxes and token count beside the Hessian files of `folder`."""
     save_file(stats.absmax, str(folder / "absmax.safetensors"))
-    (folder / "stats.json").write_text(json.dumps({"n_tokens": stats.n_tokens, "hessians": stats.hessian is not None}))
+    meta = {"n_tokens": stats.n_tokens, "hessians": stats.hessian is not None, "peak": stats.peak_hessian_bytes}
+    (folder / "stats.json").write_text(json.dumps(meta))
 
 
 def load_stats(folder: Path) -> ActivationStats:
@@ -119,7 +120,8 @@ def load_stats(folder: Path) -> ActivationStats:
     meta = json.loads((folder / "stats.json").read_text())
     with safe_open(str(folder / "absmax.safetensors"), framework="pt") as handle:
         absmax = {name: handle.get_tensor(name) for name in handle.keys()}
-    return ActivationStats(absmax, meta["n_tokens"], HessianFiles(folder) if meta["hessians"] else None)
+    hessian = HessianFiles(folder) if meta["hessians"] else None
+    return ActivationStats(absmax, meta["n_tokens"], hessian, meta.get("peak", 0))
 
 
 def hessian_bytes(unit: QuantUnit) -> int:

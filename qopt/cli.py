@@ -354,6 +354,7 @@ def baseline_run(
     from qopt import baselines
 
     method_list, bit_list = _csv(methods, "--methods", str), _csv(bits, "--bits", int)
+    baselines.schemes(method_list, bit_list, group_size=None)  # a bad method or bit-width fails before loading
     groups = None if group == "auto" else [g or None for g in _csv(group, "--group", int)]
     overrides = {"seq_len": seq_len, "batch_size": batch_size, "search_windows": windows, "eval_windows": windows}
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -471,15 +472,14 @@ def study_launch(
 
     from qopt import study
     from qopt.storage import count_trials
-    from qopt.workers import check_launch
+    from qopt.workers import check_launch, launch
 
     check_launch(n_trials, until, timeout, workers, heartbeat)
     if n_trials is None and timeout is None and until is None:
         raise QoptError("give --n-trials, --until or --timeout")
     handle, _ = study.load(name, storage)  # counts below are database counts: no trial is read
-    screened_before = count_trials(handle, rejected_prefix=study.SCREENED)
     try:
-        done = study.launch(name, n_trials, timeout, storage, workers=workers, until=until, heartbeat=heartbeat)
+        ran = launch(name, n_trials, timeout, storage, workers=workers, until=until, heartbeat=heartbeat)
     except KeyboardInterrupt:
         typer.echo(
             f"interrupted: the study has {count_trials(handle, TrialState.COMPLETE)} completed trials; the running "
@@ -487,10 +487,13 @@ def study_launch(
             err=True,
         )
         raise typer.Exit(130) from None
-    screened = count_trials(handle, rejected_prefix=study.SCREENED) - screened_before
+    collapsed = ran.pruned - ran.screened
     typer.echo(
-        f"{done} trials completed in this launch ({screened} more screened out after their first batch); "
-        f"{count_trials(handle, TrialState.COMPLETE)} in all. See the front with `qopt study front {name}`."
+        f"{ran.finished} trials ran in this launch: {ran.completed} completed, {ran.screened} screened out and "
+        f"{collapsed} collapsed after their first batch"
+        + (f", {ran.failed} failed (their retries are among the others)" if ran.failed else "")
+        + f". The study holds {count_trials(handle, TrialState.COMPLETE)} completed trials; see the front with "
+        f"`qopt study front {name}`."
     )
 
 

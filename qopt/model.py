@@ -183,6 +183,8 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
 
     folder = resolve_model_path(name_or_path)
     target = pick_device(device)
+    if target.type == "cpu":
+        check_memory(load_skeleton(folder), dtype, name_or_path)
     # transformers logs at warning level for routine things (unused weights, long inputs).
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
@@ -202,6 +204,42 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
     lm = wrap_model(model, tokenizer, name_or_path)
     lm.source_note = describe_grid(Path(folder)) if Path(folder).is_dir() else None
     return lm
+
+
+#: What a worker holds besides the weights, as a multiple of the weights' bytes: the
+#: quantized copies of the current strategy and the weight cache (at most about one more
+#: copy by default), activations and Python/torch overhead. Measured: 2.2 GiB peak for
+#: SmolLM2-135M's 0.54 GB of fp32 weights (scripts/bench_scale.py).
+_MEMORY_FACTOR = 3.0
+
+
+def check_memory(skeleton: LoadedModel, dtype: torch.dtype, name: str) -> None:
+    """Refuse, in one sentence, a model that cannot fit in this machine's available memory."""
+    available = _available_bytes()
+    if available is None:
+        return
+    n_params = sum(p.numel() for p in skeleton.model.parameters())
+    weights = n_params * torch.empty((), dtype=dtype).element_size()
+    needed = weights * _MEMORY_FACTOR
+    if needed > available:
+        smaller = "; or --dtype bfloat16 to halve the weights" if dtype == torch.float32 else ""
+        raise QoptError(
+            f"model {name!r} ({n_params / 1e9:.2f}B parameters, {weights / 2**30:.1f} GiB of {str(dtype)[6:]} "
+            f"weights) needs about {needed / 2**30:.0f} GiB to quantize and evaluate, and {available / 2**30:.1f} "
+            f"GiB are available: lower eval.weight_cache_mib and eval.batch_size, or use a machine with more "
+            f"memory{smaller}"
+        )
+
+
+def _available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None (no check)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def load_skeleton(name_or_path: str) -> LoadedModel:

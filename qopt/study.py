@@ -32,7 +32,7 @@ from qopt.evaluate import EvalSettings, Evaluator, Metrics, Rejected, Verdict
 from qopt.io import read_document
 from qopt.operators import GenomeSampler, VariationConfig
 from qopt.space import SearchConfig, SearchSpace
-from qopt.storage import load_trial, open_storage, redacted_url, storage_url, trial_summaries
+from qopt.storage import count_trials, load_trial, open_storage, redacted_url, storage_url, trial_summaries
 from qopt.strategy import FORMAT_BITS, FP16, LayerConfig, Strategy, drop_inactive_genes
 from qopt.workers import worker_id
 
@@ -147,7 +147,14 @@ def create(name: str, config: StudyConfig, url: str | None = None) -> optuna.Stu
     storage = open_storage(url, create=True)
     wanted = config.to_dict()
     if _stored_config(storage, name) is not None:
-        return _same_study(storage, name, wanted)
+        study = _same_study(storage, name, wanted)
+        # An earlier create may have stopped before enqueuing every baseline: enqueue what is missing.
+        missing = [s for s in baseline_strategies(config) if not count_trials(study, user_attrs={"baseline": s.name})]
+        if missing:
+            space = SearchSpace(load_skeleton(config.model).units, config.search)
+            for strategy in missing:
+                _enqueue_baseline(study, space, strategy)
+        return study
     if not config.data.startswith("hf:"):
         load_text(config.data)  # an unreadable text fails here, not in every worker
     space = SearchSpace(load_skeleton(config.model).units, config.search)
@@ -393,7 +400,7 @@ def launch(
     """Run trials of an existing study; returns how many completed in this launch (`qopt.workers`)."""
     from qopt.workers import launch as run_trials
 
-    return run_trials(name, n_trials, timeout, url, progress, workers, until, heartbeat)
+    return run_trials(name, n_trials, timeout, url, progress, workers, until, heartbeat).completed
 
 
 # ---- reading results ---------------------------------------------------
@@ -535,15 +542,36 @@ def non_dominated(values: Sequence[Sequence[float]]) -> np.ndarray:
     """Boolean mask of the points (rows of objective values, all minimised) that no other
     point dominates (no worse in every objective, better in one). Equal points all stay."""
     points = np.asarray(values, dtype=float)
+    if points.ndim == 2 and points.shape[1] == 2:
+        return _non_dominated_2d(points)
     keep = np.ones(len(points), dtype=bool)
-    for i, point in enumerate(points):
-        no_worse = (points <= point).all(axis=1)
-        better = (points < point).any(axis=1)
-        keep[i] = not (no_worse & better).any()
+    for start in range(0, len(points), 256):  # [256, n, objectives] comparisons at a time
+        block = points[start : start + 256, None, :]
+        dominated = ((points[None] <= block).all(-1) & (points[None] < block).any(-1)).any(-1)
+        keep[start : start + 256] = ~dominated
     return keep
 
 
 # ---- helpers -----------------------------------------------------------
+def _non_dominated_2d(points: np.ndarray) -> np.ndarray:
+    """`non_dominated` for two objectives in O(n log n): sweep by the first, then the second."""
+    order = np.lexsort((points[:, 1], points[:, 0]))
+    keep = np.zeros(len(points), dtype=bool)
+    best_before = np.inf  # least second objective among points with a smaller first objective
+    i = 0
+    while i < len(order):
+        j = i
+        while j < len(order) and points[order[j], 0] == points[order[i], 0]:
+            j += 1
+        group = order[i:j]  # equal first objective, sorted by the second
+        least = points[group[0], 1]
+        if least < best_before:
+            keep[group[points[group, 1] == least]] = True
+        best_before = min(best_before, least)
+        i = j
+    return keep
+
+
 def _objective_values(objectives: tuple[str, ...], m: Metrics) -> tuple[float, ...]:
     table = {"kl": m.kl, "ppl": m.ppl, "bpw": m.bpw, "total_mib": m.total_bytes / 2**20}
     return tuple(table[o] for o in objectives)

@@ -157,6 +157,20 @@ class Job:
     patience_s: float = 300.0
 
 
+@dataclass(frozen=True)
+class LaunchCounts:
+    """What one launch ran, counted in the database over all of its workers."""
+
+    completed: int
+    pruned: int  # stopped after their first batch: screened out, or collapsed
+    screened: int
+    failed: int
+
+    @property
+    def finished(self) -> int:
+        return self.completed + self.pruned
+
+
 def launch(
     name: str,
     n_trials: int | None,
@@ -167,8 +181,8 @@ def launch(
     until: int | None = None,
     heartbeat: int = 10,
     patience_s: float = 300.0,
-) -> int:
-    """Run trials of an existing study; returns how many completed in this launch.
+) -> LaunchCounts:
+    """Run trials of an existing study; returns what this launch ran.
 
     `n_trials` are shared among `workers` processes on this machine (each
     loads the model once); `until` stops every worker once the study holds
@@ -189,7 +203,20 @@ def launch(
             shares = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
         jobs = [dataclasses.replace(job, n_trials=share, progress=False, threads=threads) for share in shares]
         _run_pool(jobs, progress)
-    return launched(study, job.launch_id, (TrialState.COMPLETE,))
+    return counts(study, job.launch_id)
+
+
+def counts(study: optuna.Study, launch_id: str) -> LaunchCounts:
+    """The trials of launch `launch_id` by outcome."""
+    from qopt.study import SCREENED
+
+    attrs = {LAUNCH_ATTR: launch_id}
+    return LaunchCounts(
+        completed=count_trials(study, TrialState.COMPLETE, user_attrs=attrs),
+        pruned=count_trials(study, TrialState.PRUNED, user_attrs=attrs),
+        screened=count_trials(study, TrialState.PRUNED, rejected_prefix=SCREENED, user_attrs=attrs),
+        failed=count_trials(study, TrialState.FAIL, user_attrs=attrs),
+    )
 
 
 def check_launch(
@@ -248,10 +275,13 @@ def _work(job: Job, stop: Stop) -> None:
 
 def _trials(job: Job, study: optuna.Study, run, retry: Retrying, stop: Stop, bar: tqdm) -> None:
     started = time.monotonic()
+    stale_checked = -float("inf")
     try:
         while _wanted(job, study, retry, started):
             stop.check()
-            retry("failing stale trials", optuna.storages.fail_stale_trials, study)
+            if time.monotonic() - stale_checked >= job.heartbeat:  # a stale trial is seen within one heartbeat
+                retry("failing stale trials", optuna.storages.fail_stale_trials, study)
+                stale_checked = time.monotonic()
             trial = retry("starting a trial", study.ask)
             retry("recording the launch", trial.set_user_attr, LAUNCH_ATTR, job.launch_id)
             _run_trial(job, study, trial, run, retry, stop)

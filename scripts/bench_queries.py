@@ -69,6 +69,9 @@ def build(url: str, name: str, n_trials: int) -> int:
         gene_rows = db.execute(sqlalchemy.select(params).where(params.c.trial_id == first - 1)).mappings().all()
         ids = range(first, first + n_trials - 1)
         db.execute(trials.insert(), [{**row, "trial_id": i, "number": i - first + 1} for i in ids])
+        if db.dialect.name == "postgresql":  # explicit ids do not move the sequence later inserts draw from
+            db.execute(sqlalchemy.text("SELECT setval(pg_get_serial_sequence('trials', 'trial_id'), :last)"),
+                       {"last": first + n_trials - 2})  # fmt: skip
         db.execute(
             params.insert(),
             [{**{k: v for k, v in g.items() if k != "param_id"}, "trial_id": i} for i in ids for g in gene_rows],

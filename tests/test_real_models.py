@@ -237,6 +237,9 @@ def test_gptq_with_streamed_hessians_matches_in_memory(small_text, tiny_llama_di
     in_memory = Evaluator.from_text(lm, text, EvalSettings(**{**settings.__dict__, "calibration_cache": False}))
     a, b = streamed.evaluate(gptq, "eval"), in_memory.evaluate(gptq, "eval")
     assert a.kl == pytest.approx(b.kl, rel=1e-4) and a.kl > 0
+    # read back from the cache folder, the statistics still say how much the collection held
+    peak = streamed.quantizer.activation_stats(hessians=True).peak_hessian_bytes
+    assert 0 < peak <= 2**20
 
 
 def test_applying_a_strategy_neither_copies_nor_changes_the_pristine_weights():
@@ -336,3 +339,13 @@ def test_a_model_folder_without_its_weights_is_refused(tiny_llama_dir, tmp_path)
     (broken / "model.safetensors").unlink()
     with pytest.raises(QoptError):
         load_model(str(broken), device="cpu")
+
+
+def test_a_model_too_big_for_memory_is_refused_before_loading(tiny_llama_dir, monkeypatch):
+    from qopt import model as qmodel
+
+    monkeypatch.setattr(qmodel, "_available_bytes", lambda: 10_000)  # 10 kB free
+    with pytest.raises(QoptError, match=r"needs about .* GiB .* are available: lower eval.weight_cache_mib"):
+        load_model(str(tiny_llama_dir), device="cpu")
+    monkeypatch.setattr(qmodel, "_available_bytes", lambda: 2**40)
+    assert load_model(str(tiny_llama_dir), device="cpu").units

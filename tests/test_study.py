@@ -102,6 +102,9 @@ def test_create_is_idempotent_and_guards_its_config(config, url):
 
 
 def test_bad_inputs(config, url, tmp_path):
+    with pytest.raises(QoptError, match="no study database at .*studies.db; create a study first"):
+        qstudy.load("missing", url)
+    qstudy.create("s", config, url)
     with pytest.raises(QoptError, match="no study named 'missing'"):
         qstudy.load("missing", url)
     with pytest.raises(QoptError, match=r"budget_bpw: 1.0 is below the smallest bpw this search space can reach"):
@@ -176,3 +179,15 @@ def test_status_and_best_read_no_parameters_on_a_2000_trial_study(config, url, m
     assert info["front"] == expected_front
     trial, strategy = qstudy.best("big", 3.0, url)
     assert trial.values[0] == -1.0 and trial.params == real.params and strategy.name
+
+
+@pytest.mark.parametrize("objectives", [2, 3])
+def test_non_dominated_equals_brute_force_with_ties(objectives):
+    import numpy as np
+
+    def brute(points):
+        return np.array([not any((q <= p).all() and (q < p).any() for q in points) for p in points])
+
+    for seed in range(10):
+        points = np.round(np.random.default_rng(seed).random((120, objectives)) * 4)  # many ties
+        assert (qstudy.non_dominated(points) == brute(points)).all()
