@@ -95,14 +95,13 @@ def open_storage(
 class BatchedParamStorage(RDBStorage):
     """An RDBStorage that writes a running trial's parameters in one transaction.
 
-    Suggested parameters wait in memory until the trial ends, then go to the
-    database together, before its state. While it runs, this process's reads
-    of the trial (`get_trial`) see them from memory; to other readers (and in
-    a listing of all trials) it shows without them, which costs nothing: the sampler
-    reads finished trials only, and re-reading a running trial's hundreds of
-    parameters on every listing was a sixth of a small model's trial time. A
-    worker killed mid-trial loses its draw; the trial is failed and retried
-    as a fresh one. Hooks into Optuna's `_set_trial_param` (the method
+    Suggested parameters wait in memory until `flush` (a worker calls it, through
+    `write_params_now`, once a trial's genes are drawn and before its evaluation,
+    so a killed worker's trial is retried with the same genes) or until the trial
+    ends, and go to the database together. Until then this process's reads of
+    the trial (`get_trial`) see them from memory; other readers see the trial
+    without them, which costs nothing: the sampler reads finished trials only.
+    Hooks into Optuna's `_set_trial_param` (the method
     its cached storage calls for every suggestion): checks a distribution
     against the study's at once, as Optuna does, and writes the same rows as
     Optuna's per-parameter path, with one trial lookup.

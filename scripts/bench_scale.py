@@ -51,7 +51,7 @@ SUBJECTS = {
 }  # fmt: skip
 
 
-def measure(name: str, n_tokens: int, dtype_name: str) -> dict:
+def measure(name: str, n_tokens: int, dtype_name: str, with_gptq: bool = True) -> dict:
     """Run every measurement for one subject in this process."""
     import transformers
 
@@ -89,7 +89,7 @@ def measure(name: str, n_tokens: int, dtype_name: str) -> dict:
     stats = evaluator.quantizer.activation_stats(hessians=True)
     calib_s = time.perf_counter() - start
     calib_bytes = sum(f.stat().st_size for f in Path(stats.hessian.folder).glob("hessian-*"))
-    gptq = evaluator.evaluate(uniform(4, group_size=group, rounding="gptq"), "search")
+    gptq = evaluator.evaluate(uniform(4, group_size=group, rounding="gptq"), "search") if with_gptq else None
     params = sum(u.out_features * u.in_features for u in lm.units)
     return {
         "model": name,
@@ -103,8 +103,8 @@ def measure(name: str, n_tokens: int, dtype_name: str) -> dict:
         "calib_s": calib_s,
         "calib_disk_mib": calib_bytes / 2**20,
         "calib_peak_mib": stats.peak_hessian_bytes / 2**20,
-        "gptq_quantize_s": gptq.quantize_seconds,
-        "gptq_s": gptq.seconds,
+        "gptq_quantize_s": gptq.quantize_seconds if gptq else float("nan"),
+        "gptq_s": gptq.seconds if gptq else float("nan"),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
 
@@ -123,9 +123,13 @@ def table(rows: list[dict], dtype: str, tokens: int) -> str:
             f"| {r['model']} | {r['params_m']:.1f} | {r['load_s']:.1f} | {r['reference_s']:.1f} / "
             f"{r['reference_mib']:.1f} | {r['rtn_s']:.1f} | {r['rtn_us_per_mparam_token']:.3f} | "
             f"{r['calib_s']:.1f} / {r['calib_disk_mib']:.0f} / {r['calib_peak_mib']:.0f} | "
-            f"{r['gptq_quantize_s']:.1f} | {r['peak_rss_gib']:.2f} |"
+            f"{_seconds(r['gptq_quantize_s'])} | {r['peak_rss_gib']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def _seconds(value: float) -> str:
+    return "skipped" if value != value else f"{value:.1f}"  # NaN: not measured
 
 
 def main() -> None:
@@ -134,10 +138,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048, help="search tokens scored per trial")
     parser.add_argument("--dtype", default="float32", help="float32 (fast on CPUs) or bfloat16")
     parser.add_argument("--output", "-o", type=Path, help="also write the table here (markdown)")
+    parser.add_argument("--no-gptq", action="store_true", help="skip the GPTQ trial (minutes on a 1B model)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.tokens, args.dtype)))
+        print(json.dumps(measure(args.child, args.tokens, args.dtype, not args.no_gptq)))
         return
     rows = []
     with tempfile.TemporaryDirectory() as cache:  # Hessians of random models are not worth keeping
@@ -146,6 +151,7 @@ def main() -> None:
             if "random" in name:
                 env["QOPT_CACHE_DIR"] = cache
             command = [sys.executable, __file__, "--child", name, "--tokens", str(args.tokens), "--dtype", args.dtype]
+            command += ["--no-gptq"] if args.no_gptq else []
             done = subprocess.run(command, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 print(f"{name}: failed\n{done.stderr[-2000:]}", file=sys.stderr)

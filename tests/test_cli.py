@@ -161,7 +161,7 @@ def test_study_commands_end_to_end(monkeypatch, capsys, tmp_path, tiny_llama_dir
     code, out, _ = run(monkeypatch, capsys, "study", "create", "t", "--config", str(config), "--storage", storage)
     assert code == 0 and "2 trials" in out
     code, out, _ = run(monkeypatch, capsys, "study", "launch", "t", "--n-trials", "8", "--storage", storage)
-    assert code == 0 and "in all" in out
+    assert code == 0 and "8 trials ran in this launch: 8 completed" in out
     code, out, _ = run(monkeypatch, capsys, "study", "status", "t", "--storage", storage, "--json")
     assert json.loads(out)["trials"] == 8
     code, out, _ = run(monkeypatch, capsys, "study", "front", "t", "--storage", storage, "--json")
