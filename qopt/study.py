@@ -387,20 +387,13 @@ class SearchRun:
         return held_out
 
 
-def launch(
-    name: str,
-    n_trials: int | None,
-    timeout: float | None = None,
-    url: str | None = None,
-    progress: bool = True,
-    workers: int = 1,
-    until: int | None = None,
-    heartbeat: int = 10,
-) -> int:
-    """Run trials of an existing study; returns how many completed in this launch (`qopt.workers`)."""
+def launch(name: str, n_trials: int | None, **options: Any) -> int:
+    """Run trials of an existing study; returns how many completed in this launch.
+
+    `options` are `qopt.workers.launch`'s (timeout, url, progress, workers, until, heartbeat)."""
     from qopt.workers import launch as run_trials
 
-    return run_trials(name, n_trials, timeout, url, progress, workers, until, heartbeat).completed
+    return run_trials(name, n_trials, **options).completed
 
 
 # ---- reading results ---------------------------------------------------
