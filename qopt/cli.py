@@ -49,6 +49,8 @@ StorageOpt = Annotated[
     ),
 ]
 NameArg = Annotated[str, typer.Argument(help="Study name.")]
+SeqLenOpt = Annotated[int | None, typer.Option(help="Tokens per window (capped by the model's context); default 512.")]
+BatchSizeOpt = Annotated[int | None, typer.Option(help="Windows per forward pass; default 8.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
@@ -150,10 +152,8 @@ def eval_command(
     windows: Annotated[
         int | None, typer.Option(help="Windows of that part to use (default: 16 search, 64 eval).")
     ] = None,
-    seq_len: Annotated[
-        int | None, typer.Option(help="Tokens per window (capped by the model's context); default 512.")
-    ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Windows per forward pass; default 8.")] = None,
+    seq_len: SeqLenOpt = None,
+    batch_size: BatchSizeOpt = None,
     seed: Annotated[
         int | None, typer.Option(help="Seed for window sampling and stochastic rounding; default 0.")
     ] = None,
@@ -332,10 +332,8 @@ def baseline_run(
     windows: Annotated[
         int | None, typer.Option(help="Windows per part (search and held out); default 16 search, 64 held out.")
     ] = None,
-    seq_len: Annotated[
-        int | None, typer.Option(help="Tokens per window (capped by the model's context); default 512.")
-    ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Windows per forward pass; default 8.")] = None,
+    seq_len: SeqLenOpt = None,
+    batch_size: BatchSizeOpt = None,
     dtype: DtypeOpt = "float32",
     study_name: Annotated[
         str | None,
