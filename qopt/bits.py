@@ -24,7 +24,6 @@ from typing import Protocol
 
 from qopt.quant.formats import index_bits
 from qopt.quant.outliers import outlier_count
-from qopt.quant.scales import n_blocks
 from qopt.strategy import EDGE_ROLES, LayerConfig
 
 SCALE_BITS = 16
@@ -72,8 +71,9 @@ def layer_cost(out_features: int, in_features: int, config: LayerConfig) -> BitC
     if not config.quantizes_weights:
         side = SMOOTH_FACTOR_BITS * in_features if config.quantizes_activations and config.outliers == "smooth" else 0
         return BitCost(n_weights=n, payload=UNQUANTIZED_BITS * n, side=side)
-    blocks = n_blocks(out_features, in_features, config.granularity, config.group_size)
-    has_zero = config.format == "int" and not config.symmetric
+    grid = config.grid()
+    assert grid is not None
+    blocks = grid.n_blocks(out_features, in_features)
     outliers = 0
     if config.topk_fraction is not None:
         outliers = outlier_count(n, config.topk_fraction) * (OUTLIER_VALUE_BITS + index_bits(n))
@@ -84,7 +84,7 @@ def layer_cost(out_features: int, in_features: int, config: LayerConfig) -> BitC
         n_weights=n,
         payload=config.bits * n,
         scales=SCALE_BITS * blocks,
-        zeros=ZERO_BITS * blocks if has_zero else 0,
+        zeros=ZERO_BITS * blocks if grid.has_zero else 0,
         outliers=outliers,
         side=side,
     )

@@ -470,7 +470,7 @@ def study_launch(
 
     from qopt import study
     from qopt.storage import count_trials
-    from qopt.workers import check_launch, launch
+    from qopt.study import check_launch, launch
 
     check_launch(n_trials, until, timeout, workers, heartbeat)
     if n_trials is None and timeout is None and until is None:

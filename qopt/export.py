@@ -40,7 +40,7 @@ from qopt.model import LoadedModel
 from qopt.quant.formats import index_bits
 from qopt.quant.outliers import InputTransform, rotation_matrix
 from qopt.quant.packing import pack_bits, unpack_bits
-from qopt.quant.scales import from_blocks, grid_codes, grid_values, to_blocks
+from qopt.quant.scales import from_blocks, grid_values, to_blocks
 from qopt.quant.weight import QuantizedMatrix, to_original_basis
 from qopt.quantizer import Quantizer, quantize_unit
 from qopt.strategy import LayerConfig, Strategy
@@ -93,7 +93,7 @@ def export_checkpoint(
             w = unit.read_weight().float()
             stored, transform = quantize_unit(unit.name, w, config, stats, seed)
             assert stored is not None
-            parts = _pack(stored, transform, config)
+            parts = _pack(stored, transform)
             _check_round_trip(unit.name, parts, config, stored, w.shape)
             tensors.update({f"{unit.name}.{k}": v.contiguous().cpu() for k, v in parts.items()})
             packed.add(id(unit.weight))
@@ -191,22 +191,18 @@ def use_checkpoint(quantizer: Quantizer, checkpoint: Checkpoint) -> None:
 _PART_NAMES = ("codes", "scales", "zeros", "outlier_values", "outlier_index", "smooth", "awq_scale")
 
 
-def _pack(stored: QuantizedMatrix, transform: InputTransform | None, config: LayerConfig) -> dict[str, torch.Tensor]:
+def _pack(stored: QuantizedMatrix, transform: InputTransform | None) -> dict[str, torch.Tensor]:
     """The stored tensors of one matrix (see the module docstring)."""
-    values = stored.values
-    on_grid = values if stored.kept is None else values.masked_fill(stored.kept, float("nan"))
-    blocks = to_blocks(on_grid, config.granularity, config.group_size)
-    codes = from_blocks(grid_codes(blocks, stored.scale, stored.zero, config), values.shape)
     parts = {
-        "codes": pack_bits(codes.reshape(-1), config.bits),
+        "codes": pack_bits(stored.codes().reshape(-1), stored.grid.bits),
         "scales": stored.scale.reshape(-1).half(),
     }
     if stored.zero is not None:
         parts["zeros"] = stored.zero.reshape(-1).half()
     if stored.kept is not None:
-        index = stored.kept.reshape(-1).nonzero().reshape(-1)
-        parts["outlier_index"] = pack_bits(index, index_bits(values.numel()))
-        parts["outlier_values"] = values.reshape(-1)[index].half()
+        index, values = stored.outliers()
+        parts["outlier_index"] = pack_bits(index, stored.index_bits)
+        parts["outlier_values"] = values
     if transform is not None and transform.smooth is not None:
         parts["smooth"] = transform.smooth.half()
     if transform is not None and transform.scale is not None:
@@ -218,11 +214,13 @@ def _unpack(parts: dict[str, torch.Tensor], config: LayerConfig, shape: tuple[in
     """The [out, in] fp32 values in the quantization basis, from the stored tensors."""
     out, inp = shape
     n = out * inp
-    codes = unpack_bits(parts["codes"], config.bits, n).reshape(out, inp)
-    code_blocks = to_blocks(codes.float(), config.granularity, config.group_size).nan_to_num(0).long()
+    grid = config.grid()
+    assert grid is not None
+    codes = unpack_bits(parts["codes"], grid.bits, n).reshape(out, inp)
+    code_blocks = to_blocks(codes.float(), grid.granularity, grid.group_size).nan_to_num(0).long()
     scale = parts["scales"].float().reshape(-1, 1)
     zero = parts["zeros"].float().reshape(-1, 1) if "zeros" in parts else None
-    values = from_blocks(grid_values(code_blocks, scale, zero, config), shape)
+    values = from_blocks(grid_values(code_blocks, scale, zero, grid), shape)
     if "outlier_index" in parts:
         k = parts["outlier_values"].numel()
         index = unpack_bits(parts["outlier_index"], index_bits(n), k)

@@ -163,13 +163,14 @@ def quantize_unit(
     """
     act_absmax = stats.absmax.get(name) if stats is not None else None
     hessian = stats.hessian.get(name) if stats is not None and stats.hessian is not None else None
-    transform = input_transform(config, w, act_absmax, hessian)
-    if not config.quantizes_weights:
+    recipe = config.quantization()
+    transform = input_transform(recipe, w, act_absmax, hessian)
+    if recipe.grid is None:
         return None, transform
     generator = None
-    if config.rounding == "stochastic":
+    if recipe.rounding == "stochastic":
         generator = torch.Generator(device=w.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    stored = quantize_weight(w, config, transform, generator, hessian if config.needs_hessian else None)
+    stored = quantize_weight(w, recipe, transform, generator, hessian if recipe.needs_hessian else None)
     return stored, transform
 
 

@@ -38,40 +38,18 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 
 from qopt.bits import layer_cost
 from qopt.errors import QoptError
+from qopt.genes import FAMILIES, Gene, family_genes, unit_families, units
 from qopt.model import QuantUnit
-from qopt.strategy import EDGE_ROLES, FORMAT_BITS, FP16, ROUNDINGS, LayerConfig, Strategy, drop_inactive_genes
+from qopt.strategy import EDGE_ROLES, FORMAT_BITS, FP16, GENES, GRANULARITIES, LayerConfig, Strategy
 
 RESOLUTIONS = ("module", "block", "role")
-FAMILIES = ("bits", "scaling", "format", "outliers", "rounding", "arithmetic")
 #: The genes of each family (what a family-level deviation or replacement redraws).
-FAMILY_GENES = {
-    "bits": ("bits",),
-    "scaling": ("granularity", "group_size", "symmetric", "scale", "clip_percentile"),
-    "format": ("format", "act_format", "act_bits"),
-    "outliers": ("outliers", "topk_fraction", "smooth_alpha"),
-    "rounding": ("rounding",),
-    "arithmetic": ("accumulation",),
-}
-#: Genes that change together, the smallest unit a mutation or broadcast edits.
-GENE_UNITS = {
-    "granularity": ("granularity", "group_size"),
-    "symmetric": ("symmetric",),
-    "scale": ("scale", "clip_percentile"),
-    "outliers": ("outliers", "topk_fraction", "smooth_alpha"),
-    "format": ("format",),
-    "activations": ("act_format", "act_bits"),
-    "accumulation": ("accumulation",),
-    "rounding": ("rounding",),
-}
-UNIT_FAMILY = {
-    "granularity": "scaling", "symmetric": "scaling", "scale": "scaling", "outliers": "outliers",
-    "format": "format", "activations": "format", "accumulation": "arithmetic", "rounding": "rounding",
-}  # fmt: skip
-_FLOAT_RANGES = {
-    "clip_percentile": (99.0, 99.99, False),
-    "topk_fraction": (0.001, 0.05, True),
-    "smooth_alpha": (0.2, 0.9, False),
-}
+FAMILY_GENES = family_genes(GENES)
+#: Genes that change together, the smallest unit a mutation or broadcast edits
+#: (bit-widths are moved by the bit operators, never redrawn).
+GENE_UNITS = {unit: names for unit, names in units(GENES).items() if unit != "bits"}
+UNIT_FAMILY = {unit: family for unit, family in unit_families(GENES).items() if unit in GENE_UNITS}
+UNQUANTIZED_BITS = 16
 
 Genome = dict[str, LayerConfig]
 """One LayerConfig per gene group, in group order."""
@@ -137,105 +115,77 @@ class SearchSpace:
         """Every parameter any genome can have, with its distribution."""
         return {name: dist for table in self._tables.values() for name, dist in table.items()}
 
+    def _limits(self, group: GeneGroup) -> dict[str, tuple[Any, ...]]:
+        """What this search allows a group beyond each gene's own values: the bit
+        ladder, the group sizes that fit the group's layers (none: no groups)."""
+        return {
+            "bits": tuple(self.config.bits),
+            "group_size": group.group_sizes,
+            "granularity": GRANULARITIES if group.group_sizes else tuple(g for g in GRANULARITIES if g != "group"),
+        }
+
     def _group_table(self, group: GeneGroup) -> dict[str, BaseDistribution]:
-        families = set(self.config.families)
-        genes: dict[str, BaseDistribution] = {}
-        if "bits" in families:
-            genes["bits"] = CategoricalDistribution(self.config.bits)
-        if "format" in families:
-            genes["format4"] = CategoricalDistribution(("int", "fp", "nf4"))
-            genes["format8"] = CategoricalDistribution(("int", "fp"))
-            genes["act_format"] = CategoricalDistribution(("none", "int", "fp"))
-            genes["act_bits"] = CategoricalDistribution((4, 8))
-        if "scaling" in families:
-            genes["granularity"] = CategoricalDistribution(_granularities(group))
-            if group.group_sizes:
-                genes["group_size"] = CategoricalDistribution(group.group_sizes)
-            genes["symmetric"] = CategoricalDistribution((False, True))
-            genes["scale"] = CategoricalDistribution(("absmax", "mse", "percentile"))
-            genes["clip_percentile"] = _float("clip_percentile")
-        if "outliers" in families:
-            genes["outliers"] = CategoricalDistribution(("none", "topk", "smooth", "rotate"))
-            genes["topk_fraction"] = _float("topk_fraction")
-            genes["smooth_alpha"] = _float("smooth_alpha")
-        if "rounding" in families:
-            genes["rounding"] = CategoricalDistribution(ROUNDINGS)
-        if "arithmetic" in families:
-            genes["accumulation"] = CategoricalDistribution(("fp32", "fp16", "bf16"))
-        return {f"{group.name}.{gene}": dist for gene, dist in genes.items()}
+        """The Optuna parameters of one group's searched genes (`{group}.{param}` -> distribution)."""
+        limits = self._limits(group)
+        table: dict[str, BaseDistribution] = {}
+        for gene in GENES:
+            if gene.family not in self.config.families:
+                continue
+            if gene.param_key:  # choices depend on an earlier gene: one parameter per value of it
+                for key_value in limits.get(gene.param_key, ()):
+                    choices = gene.choices({gene.param_key: key_value})
+                    if key_value != UNQUANTIZED_BITS and len(choices) > 1:
+                        table[gene.param({gene.param_key: key_value})] = CategoricalDistribution(choices)
+            elif gene.categorical:
+                table[gene.name] = CategoricalDistribution(limits.get(gene.name, gene.values))
+            elif gene.search is not None:
+                low, high, log = gene.search
+                table[gene.name] = FloatDistribution(low, high, log=log)
+            elif limits.get(gene.name):
+                table[gene.name] = CategoricalDistribution(limits[gene.name])
+        return {f"{group.name}.{param}": dist for param, dist in table.items()}
 
     def _walk(self, group: GeneGroup, pick) -> LayerConfig:
-        """Build a group's config, asking `pick(gene, distribution)` for each gene
-        that exists given the genes chosen before it."""
+        """Build a group's config gene by gene, in the gene table's order: ask
+        `pick(param, distribution)` for each searched gene that exists given the
+        genes chosen before it and has a choice; take the base config's value
+        (or the gene's default) for the others. A 16-bit layer has no other genes."""
         table = self._tables[group.name]
-        base = self.config.base
-
-        def gene(name: str, fallback: Any) -> Any:
-            key = f"{group.name}.{name}"
-            return pick(key, table[key]) if key in table else fallback
-
-        bits = gene("bits", base.bits)
-        if bits == 16:
-            return FP16
-        genes: dict[str, Any] = {"bits": bits}
-        base_format = base.format if bits in FORMAT_BITS[base.format] else "int"
-        genes["format"] = (
-            gene(f"format{bits}", "int") if bits in (4, 8) and "format" in self.config.families else base_format
-        )
-        genes["act_format"] = gene("act_format", base.act_format)
-        if genes["act_format"] == "int":
-            genes["act_bits"] = gene("act_bits", base.act_bits if base.act_format == "int" else 8)
-        elif genes["act_format"] == "fp":
-            genes["act_bits"] = 8
-        genes["granularity"] = gene("granularity", base.granularity)
-        if genes["granularity"] == "group":
-            genes["group_size"] = gene("group_size", base.group_size or 128)
-        genes["symmetric"] = gene("symmetric", base.symmetric) if genes["format"] == "int" else True
-        genes["scale"] = gene("scale", base.scale)
-        if genes["scale"] == "percentile":
-            genes["clip_percentile"] = gene("clip_percentile", base.clip_percentile or 99.9)
-        genes["outliers"] = gene("outliers", base.outliers)
-        if genes["outliers"] == "topk":
-            genes["topk_fraction"] = gene("topk_fraction", base.topk_fraction or 0.01)
-        elif genes["outliers"] == "smooth":
-            genes["smooth_alpha"] = gene("smooth_alpha", base.smooth_alpha or 0.5)
-        genes["accumulation"] = gene("accumulation", base.accumulation)
-        genes["rounding"] = gene("rounding", base.rounding)
+        base = self.config.base.genes()
+        genes: dict[str, Any] = {}
+        for gene in GENES:
+            if not gene.exists(genes):
+                continue
+            param = f"{group.name}.{gene.param(genes)}"
+            forced = gene.categorical and len(gene.choices(genes)) == 1
+            if param in table and not forced:
+                genes[gene.name] = pick(param, table[param])
+            else:
+                genes[gene.name] = base[gene.name] if base[gene.name] is not None else gene.default
+            if gene.name == "bits" and genes["bits"] == UNQUANTIZED_BITS:
+                return FP16
         return self.repair(genes, group)
 
     def repair(self, genes: Mapping[str, Any], group: GeneGroup) -> LayerConfig:
         """The nearest valid config to a (possibly inconsistent) set of genes.
 
-        Fixes what operators can break: a format the bit-width lacks, an
-        asymmetric float grid, a group wider than the group's layers, float
-        genes outside the searched ranges, HQQ on a grid without zero points
-        (it becomes round-to-nearest), genes of a 16-bit layer.
+        Fixes what operators can break, gene by gene in table order: a value
+        the genes before it do not allow (a format the bit-width lacks, an
+        asymmetric float grid, HQQ on a grid without zero points) becomes the
+        gene's fallback or default; a bit-width or group size outside this
+        search becomes the nearest one; a float gene is clamped to its searched
+        range. Missing genes take their defaults; a 16-bit config has no others.
         """
-        g = {k: v for k, v in genes.items() if v is not None}
-        if g.get("bits", 16) == 16:
-            return FP16
-        if g["bits"] not in self.config.bits:
-            g["bits"] = min(self.config.bits, key=lambda b: (abs(b - g["bits"]), b))
-            if g["bits"] == 16:
+        given = {k: v for k, v in genes.items() if v is not None}
+        limits = self._limits(group)
+        values: dict[str, Any] = {}
+        for gene in GENES:
+            if not gene.exists(values):
+                continue
+            values[gene.name] = _nearest_allowed(gene, given.get(gene.name, gene.default), values, limits)
+            if gene.name == "bits" and values["bits"] == UNQUANTIZED_BITS:
                 return FP16
-        fmt = g.get("format", "int")
-        if g["bits"] not in FORMAT_BITS[fmt]:
-            fmt = "int"
-        g["format"] = fmt
-        if fmt != "int":
-            g["symmetric"] = True
-        if g.get("granularity") == "group":
-            if not group.group_sizes:
-                g["granularity"] = "channel"
-            elif g.get("group_size") not in group.group_sizes:
-                wanted = g.get("group_size") or 128
-                g["group_size"] = min(group.group_sizes, key=lambda s: (abs(s - wanted), s))
-        if g.get("rounding") == "hqq" and (fmt != "int" or g.get("symmetric")):
-            g["rounding"] = "nearest"
-        for name, (low, high, _) in _FLOAT_RANGES.items():
-            if name in g:
-                g[name] = min(max(float(g[name]), low), high)
-        return FP16.evolve(**drop_inactive_genes({k: v for k, v in g.items() if k in _GENE_NAMES}))
+        return LayerConfig(**values)
 
     # ---- genomes <-> trials, params, strategies -----------------------
     def sample(self, trial) -> Genome:
@@ -389,8 +339,8 @@ class SearchSpace:
         likely): lower a bit-width one step, or coarsen a scaling rule (group
         size up, then per-channel, then per-tensor; asymmetric to symmetric),
         which saves side data instead of payload. Every edit moves down, so
-        this ends. Then, if still over, drop outlier side data. Returns the
-        genome unchanged if it already fits.
+        this ends. Then, if still over, drop side data (kept outliers, smoothing
+        factors, AWQ scales). Returns the genome unchanged if it already fits.
         """
         genome = dict(genome)
         weights = np.array([g.n_weights for g in self.groups], dtype=float)
@@ -413,7 +363,7 @@ class SearchSpace:
         for group in self.groups:
             if self.bpw(genome) <= budget_bpw:
                 break
-            genome[group.name] = self.repair({**genome[group.name].to_dict(), "outliers": "none"}, group)
+            genome[group.name] = self.repair(_without_side_data(genome[group.name]), group)
         return genome
 
     def _group_bits(self, config: LayerConfig, group: GeneGroup) -> int:
@@ -438,16 +388,31 @@ class SearchSpace:
         return [self.repair(o, group) for o in options]
 
 
-_GENE_NAMES = set(LayerConfig.__dataclass_fields__)
+def _without_side_data(config: LayerConfig) -> dict[str, Any]:
+    """`config`'s genes without what stores per-channel side data: outlier
+    handling goes, AWQ becomes GPTQ (same calibration, no stored scales)."""
+    genes = {**config.to_dict(), "outliers": "none"}
+    if config.rounding == "awq":
+        genes["rounding"] = "gptq"
+    return genes
 
 
-def _float(name: str) -> FloatDistribution:
-    low, high, log = _FLOAT_RANGES[name]
-    return FloatDistribution(low, high, log=log)
-
-
-def _granularities(group: GeneGroup) -> tuple[str, ...]:
-    return ("tensor", "channel", "group") if group.group_sizes else ("tensor", "channel")
+def _nearest_allowed(gene: Gene, value: Any, genes: Mapping[str, Any], limits: Mapping[str, tuple[Any, ...]]) -> Any:
+    """`value` if `gene` may take it after `genes` within `limits`, else the closest value that it may."""
+    if gene.search is not None:
+        low, high, _ = gene.search
+        return min(max(float(value), low), high)
+    allowed = gene.choices(genes) if gene.categorical else limits.get(gene.name, ())
+    if gene.name in limits and gene.categorical:
+        allowed = tuple(v for v in allowed if v in limits[gene.name])
+    if not allowed or value in allowed:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):  # a width or size: the nearest, ties downward
+        return min(allowed, key=lambda v: (abs(v - value), v))
+    for candidate in (gene.fallback, gene.default):
+        if candidate in allowed:
+            return candidate
+    return allowed[0]
 
 
 def _block_of(name: str) -> str:

@@ -31,12 +31,42 @@ from optuna.distributions import (
     json_to_distribution,
 )
 from optuna.storages import RDBStorage
-from optuna.storages._rdb import models
-from optuna.storages._rdb.storage import _create_scoped_session  # commit once, roll back on error
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from qopt.errors import QoptError, first_line
+
+#: The Optuna minor versions whose RDB internals this module was tested against
+#: (keep in step with pyproject's pin; tests/test_storage.py exercises them).
+TESTED_OPTUNA = ("5.0",)
+UNTESTED_OPTUNA_ENV = "QOPT_ALLOW_UNTESTED_OPTUNA"
+
+
+def check_optuna_version(version: str, allow_untested: bool = False) -> None:
+    """Refuse an Optuna release whose internals this module was not tested against.
+
+    This module is qopt's only user of Optuna internals (the RDB models, the
+    scoped session, a study's storage); a minor release may change them. With
+    `allow_untested` (set $QOPT_ALLOW_UNTESTED_OPTUNA=1, e.g. to run the tests
+    on a new release) it only warns.
+    """
+    if ".".join(version.split(".")[:2]) in TESTED_OPTUNA:
+        return
+    message = (
+        f"qopt's study storage was tested with optuna {', '.join(TESTED_OPTUNA)}.x and reads its internal "
+        f"RDB schema; optuna {version} is installed. Install a tested one: pip install 'optuna>=5.0,<5.1' "
+        f"(or set {UNTESTED_OPTUNA_ENV}=1 to try this one)"
+    )
+    if not allow_untested:
+        raise ImportError(message)
+    warnings.warn(message, stacklevel=2)
+
+
+check_optuna_version(optuna.__version__, allow_untested=os.environ.get(UNTESTED_OPTUNA_ENV) == "1")
+
+# Checked above: the internals this module relies on.
+from optuna.storages._rdb import models  # noqa: E402
+from optuna.storages._rdb.storage import _create_scoped_session  # noqa: E402  (commit once, roll back on error)
 
 DEFAULT_STORAGE = "sqlite:///runs/qopt.db"
 

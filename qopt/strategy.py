@@ -27,29 +27,26 @@ serialise identically.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import yaml
 
 from qopt.errors import QoptError
+from qopt.genes import Genes, gene, schema
 from qopt.io import read_document
+from qopt.quant.grid import QuantGrid, WeightQuantization
 
 BITS = (2, 3, 4, 5, 6, 8, 16)
 WEIGHT_FORMATS = ("int", "fp", "nf4")
 FORMAT_BITS = {"int": BITS, "fp": (4, 8, 16), "nf4": (4, 16)}
 GRANULARITIES = ("tensor", "channel", "group")
-GROUP_SIZE_RANGE = (16, 256)
 SCALE_RULES = ("absmax", "mse", "percentile")
-CLIP_PERCENTILE_RANGE = (90.0, 100.0)
 OUTLIER_POLICIES = ("none", "topk", "smooth", "rotate")
-TOPK_FRACTION_RANGE = (0.0001, 0.1)
-SMOOTH_ALPHA_RANGE = (0.0, 1.0)
 ACT_FORMATS = ("none", "int", "fp")
 ACT_BITS = {"int": (4, 8), "fp": (8,)}
 ACCUMULATIONS = ("fp32", "fp16", "bf16")
@@ -61,99 +58,151 @@ HESSIAN_ROUNDINGS = ("gptq", "awq")
 EDGE_ROLES = ("embed", "lm_head")
 
 
-class _Conditional(NamedTuple):
-    """A gene that exists only when `exists(genes)`; `default` when it appears."""
-
-    exists: Callable[[Mapping[str, Any]], bool]
-    default: Any
-    condition_text: str
+def _format_label(bits: int, g: Genes) -> str:
+    if bits == 16:
+        return "fp16"
+    return {"int": f"int{bits}", "fp": "fp4-e2m1" if bits == 4 else "fp8-e4m3", "nf4": "nf4"}[g["format"]]
 
 
-_CONDITIONAL_GENES = {
-    "group_size": _Conditional(lambda g: g["granularity"] == "group", 128, "with granularity: group"),
-    "clip_percentile": _Conditional(lambda g: g["scale"] == "percentile", 99.9, "with scale: percentile"),
-    "topk_fraction": _Conditional(lambda g: g["outliers"] == "topk", 0.01, "with outliers: topk"),
-    "smooth_alpha": _Conditional(lambda g: g["outliers"] == "smooth", 0.5, "with outliers: smooth"),
-    "act_bits": _Conditional(lambda g: g["act_format"] != "none", 8, "when act_format is not none"),
-}
+def _outliers_label(policy: str, g: Genes) -> str:
+    if policy == "topk":
+        return f"keep{g['topk_fraction']:.2%}"
+    if policy == "smooth":
+        return f"smooth{g['smooth_alpha']:.2f}"
+    return "rot" if policy == "rotate" else ""
 
 
-def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
-    if isinstance(value, bool) and not all(isinstance(a, bool) for a in allowed):
-        raise QoptError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}")
-    if value not in allowed:
-        raise QoptError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}")
-
-
-def _check_range(name: str, value: Any, bounds: tuple[float, float], integer: bool = False) -> None:
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or not bounds[0] <= value <= bounds[1]:
-        kind = "an integer" if integer else "a number"
-        raise QoptError(f"{name}: {value!r} is not {kind} in [{bounds[0]}, {bounds[1]}]")
+def _roundings(g: Genes) -> tuple[str, ...]:
+    asymmetric_int = g["format"] == "int" and not g["symmetric"]
+    return ROUNDINGS if asymmetric_int or g["bits"] == 16 else ROUNDINGS[:-1]
 
 
 @dataclass(frozen=True)
 class LayerConfig:
     """How one weight matrix (and the activations entering it) is quantized.
 
-    `bits` is the payload width in bits per weight; side data (scales, zero
-    points, outliers) is accounted for in `qopt.bits`.
+    Each field is a gene, described by its `gene(...)` entry (qopt.genes):
+    this class body is the gene table. `bits` is the payload width in bits
+    per weight; side data (scales, zero points, outliers) is accounted for in
+    `qopt.bits`.
     """
 
-    bits: int = 16
-    format: str = "int"
-    granularity: str = "group"
-    group_size: int | None = 128
-    symmetric: bool = False
-    scale: str = "absmax"
-    clip_percentile: float | None = None
-    outliers: str = "none"
-    topk_fraction: float | None = None
-    smooth_alpha: float | None = None
-    act_format: str = "none"
-    act_bits: int | None = None
-    accumulation: str = "fp32"
-    rounding: str = "nearest"
+    bits: int = gene("bits", default=16, values=BITS, label=_format_label, weights_only=False)
+    format: str = gene(
+        "format",
+        default="int",
+        values=WEIGHT_FORMATS,
+        allowed=lambda g: tuple(f for f in WEIGHT_FORMATS if g["bits"] in FORMAT_BITS[f]),
+        why=lambda g: f"has no {g['bits']}-bit grid",
+        param_key="bits",
+    )
+    granularity: str = gene(
+        "scaling",
+        default="group",
+        values=GRANULARITIES,
+        fallback="channel",
+        label=lambda v, g: {"tensor": "tensor", "channel": "chan", "group": f"g{g['group_size']}"}[v],
+    )
+    group_size: int | None = gene(
+        "scaling",
+        default=128,
+        bounds=(16, 256),
+        integer=True,
+        unit="granularity",
+        exists=lambda g: g["granularity"] == "group",
+        condition="with granularity: group",
+    )
+    symmetric: bool = gene(
+        "scaling",
+        default=False,
+        values=(False, True),
+        allowed=lambda g: (False, True) if g["format"] == "int" else (True,),
+        why=lambda g: f"the {g['format']} grid is symmetric; set symmetric: true",
+        label=lambda v, g: ("sym" if v else "asym") if g["format"] == "int" else "",
+    )
+    scale: str = gene("scaling", default="absmax", values=SCALE_RULES, label=lambda v, g: "" if v == "absmax" else v)
+    clip_percentile: float | None = gene(
+        "scaling",
+        default=99.9,
+        bounds=(90.0, 100.0),
+        search=(99.0, 99.99, False),
+        unit="scale",
+        exists=lambda g: g["scale"] == "percentile",
+        condition="with scale: percentile",
+    )
+    outliers: str = gene(
+        "outliers",
+        default="none",
+        values=OUTLIER_POLICIES,
+        weights_only=False,
+        label=_outliers_label,
+    )
+    topk_fraction: float | None = gene(
+        "outliers",
+        default=0.01,
+        bounds=(0.0001, 0.1),
+        search=(0.001, 0.05, True),
+        unit="outliers",
+        exists=lambda g: g["outliers"] == "topk",
+        condition="with outliers: topk",
+    )
+    smooth_alpha: float | None = gene(
+        "outliers",
+        default=0.5,
+        bounds=(0.0, 1.0),
+        search=(0.2, 0.9, False),
+        unit="outliers",
+        exists=lambda g: g["outliers"] == "smooth",
+        condition="with outliers: smooth",
+    )
+    act_format: str = gene(
+        "format",
+        default="none",
+        values=ACT_FORMATS,
+        unit="activations",
+        weights_only=False,
+        label=lambda v, g: "" if v == "none" else f"a{v}{g['act_bits']}",
+    )
+    act_bits: int | None = gene(
+        "format",
+        default=8,
+        values=(4, 8),
+        unit="activations",
+        exists=lambda g: g["act_format"] != "none",
+        condition="when act_format is not none",
+        allowed=lambda g: ACT_BITS[g["act_format"]],
+        why=lambda g: f"{g['act_format']} activations come in {', '.join(map(str, ACT_BITS[g['act_format']]))} bits",
+    )
+    accumulation: str = gene(
+        "arithmetic",
+        default="fp32",
+        values=ACCUMULATIONS,
+        weights_only=False,
+        label=lambda v, g: "" if v == "fp32" else f"acc-{v}",
+    )
+    rounding: str = gene(
+        "rounding",
+        default="nearest",
+        values=ROUNDINGS,
+        allowed=_roundings,
+        why=lambda g: "needs an asymmetric INT grid (hqq optimises zero points); use format: int, symmetric: false",
+        weights_only=False,
+        label=lambda v, g: "" if v == "nearest" else v,
+    )
 
     def __post_init__(self) -> None:
-        _check_choice("bits", self.bits, BITS)
-        _check_choice("format", self.format, WEIGHT_FORMATS)
-        if self.bits not in FORMAT_BITS[self.format]:
-            raise QoptError(
-                f"bits: format {self.format!r} cannot be {self.bits}-bit "
-                f"(allowed: {', '.join(map(str, FORMAT_BITS[self.format]))})"
-            )
-        if self.format != "int" and not self.symmetric:
-            raise QoptError(f"symmetric: the {self.format} grid is symmetric; set symmetric: true")
-        _check_choice("granularity", self.granularity, GRANULARITIES)
-        _check_choice("scale", self.scale, SCALE_RULES)
-        _check_choice("outliers", self.outliers, OUTLIER_POLICIES)
-        _check_choice("act_format", self.act_format, ACT_FORMATS)
-        _check_choice("accumulation", self.accumulation, ACCUMULATIONS)
-        _check_choice("rounding", self.rounding, ROUNDINGS)
-        if not isinstance(self.symmetric, bool):
-            raise QoptError(f"symmetric: must be true or false, got {self.symmetric!r}")
-        if self.rounding == "hqq" and self.quantizes_weights and (self.format != "int" or self.symmetric):
-            raise QoptError(
-                "rounding: hqq optimises the zero points of an asymmetric INT grid; use format: int, symmetric: false"
-            )
-        genes = self.genes()
-        for name, gene in _CONDITIONAL_GENES.items():
-            present = genes[name] is not None
-            if gene.exists(genes) and not present:
-                raise QoptError(f"{name}: required by this config but missing")
-            if present and not gene.exists(genes):
-                raise QoptError(f"{name}: only allowed {gene.condition_text}")
-        if self.group_size is not None:
-            _check_range("group_size", self.group_size, GROUP_SIZE_RANGE, integer=True)
-        if self.clip_percentile is not None:
-            _check_range("clip_percentile", self.clip_percentile, CLIP_PERCENTILE_RANGE)
-        if self.topk_fraction is not None:
-            _check_range("topk_fraction", self.topk_fraction, TOPK_FRACTION_RANGE)
-        if self.smooth_alpha is not None:
-            _check_range("smooth_alpha", self.smooth_alpha, SMOOTH_ALPHA_RANGE)
-        if self.act_bits is not None:
-            _check_choice("act_bits", self.act_bits, ACT_BITS[self.act_format])
+        genes: dict[str, Any] = {}
+        for g in GENES:
+            value = getattr(self, g.name)
+            if not g.exists(genes):
+                if value is not None:
+                    raise QoptError(f"{g.name}: only allowed {g.condition}")
+                continue
+            if value is None:  # a conditional gene that exists takes its default
+                value = g.default
+                object.__setattr__(self, g.name, value)
+            g.check(value, genes)
+            genes[g.name] = value
 
     @property
     def quantizes_weights(self) -> bool:
@@ -168,9 +217,33 @@ class LayerConfig:
         """Whether quantizing this layer needs its input Hessian (GPTQ, AWQ)."""
         return self.quantizes_weights and self.rounding in HESSIAN_ROUNDINGS
 
+    def grid(self) -> QuantGrid | None:
+        """The grid this config rounds weights onto (None for a 16-bit config)."""
+        if not self.quantizes_weights:
+            return None
+        return QuantGrid(
+            format=self.format,
+            bits=self.bits,
+            symmetric=self.symmetric,
+            granularity=self.granularity,
+            group_size=self.group_size,
+            scale_rule=self.scale,
+            clip_percentile=self.clip_percentile,
+        )
+
+    def quantization(self) -> WeightQuantization:
+        """The weight numerics this config asks for, as plain values."""
+        return WeightQuantization(
+            grid=self.grid(),
+            rounding=self.rounding,
+            keep_fraction=self.topk_fraction,
+            smooth_alpha=self.smooth_alpha,
+            rotate=self.outliers == "rotate",
+        )
+
     def genes(self) -> dict[str, Any]:
         """Gene name -> value, absent conditional genes as None (a flat, shallow `asdict`)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {g.name: getattr(self, g.name) for g in GENES}
 
     def evolve(self, **changes: Any) -> LayerConfig:
         """This config with some genes changed, conditional genes kept consistent.
@@ -196,29 +269,17 @@ class LayerConfig:
 
     def describe(self) -> str:
         """A short human label, e.g. ``int4 g128 asym mse``."""
-        if not self.quantizes_weights:
-            text = "fp16"
-        else:
-            fmt = {"int": f"int{self.bits}", "fp": "fp4-e2m1" if self.bits == 4 else "fp8-e4m3", "nf4": "nf4"}
-            gran = {"tensor": "tensor", "channel": "chan", "group": f"g{self.group_size}"}
-            text = f"{fmt[self.format]} {gran[self.granularity]}"
-            if self.format == "int":
-                text += " sym" if self.symmetric else " asym"
-            if self.scale != "absmax":
-                text += f" {self.scale}"
-        if self.outliers == "topk":
-            text += f" keep{self.topk_fraction:.2%}"
-        elif self.outliers == "smooth":
-            text += f" smooth{self.smooth_alpha:.2f}"
-        elif self.outliers == "rotate":
-            text += " rot"
-        if self.quantizes_activations:
-            text += f" a{self.act_format}{self.act_bits}"
-        if self.accumulation != "fp32":
-            text += f" acc-{self.accumulation}"
-        if self.rounding != "nearest":
-            text += f" {self.rounding}"
-        return text
+        genes = self.genes()
+        parts = (
+            g.label(genes[g.name], genes)
+            for g in GENES
+            if g.label is not None and genes[g.name] is not None and (self.quantizes_weights or not g.weights_only)
+        )
+        return " ".join(p for p in parts if p)
+
+
+GENES = schema(LayerConfig)
+"""The gene table, in field order (see `qopt.genes`)."""
 
 
 FP16 = LayerConfig()
@@ -399,7 +460,10 @@ def drop_inactive_genes(genes: Mapping[str, Any]) -> dict[str, Any]:
     (e.g. `smooth_alpha` after outliers changed from smooth to none).
     """
     full = {**FP16.genes(), **genes}
-    return {k: v for k, v in genes.items() if k not in _CONDITIONAL_GENES or _CONDITIONAL_GENES[k].exists(full)}
+    return {k: v for k, v in genes.items() if k not in _BY_NAME or _BY_NAME[k].exists(full)}
+
+
+_BY_NAME = {g.name: g for g in GENES}
 
 
 def _build_config(start: dict[str, Any], changes: Mapping[str, Any], where: str) -> LayerConfig:
@@ -411,12 +475,9 @@ def _build_config(start: dict[str, Any], changes: Mapping[str, Any], where: str)
     genes.update(changes)
     if "format" in changes and changes["format"] != "int" and "symmetric" not in changes:
         genes["symmetric"] = True
-    for name, gene in _CONDITIONAL_GENES.items():
-        if gene.exists(genes):
-            if genes[name] is None:
-                genes[name] = gene.default
-        elif name not in changes:
-            genes[name] = None  # inherited from a config where it existed
+    for g in GENES:
+        if g.conditional and not g.exists(genes) and g.name not in changes:
+            genes[g.name] = None  # inherited from a config where it existed
     try:
         return LayerConfig(**genes)
     except QoptError as exc:

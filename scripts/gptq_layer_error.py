@@ -47,7 +47,10 @@ def main() -> None:
         def error(q: torch.Tensor, w=w, h=h) -> float:
             return float(torch.trace((w - q) @ h @ (w - q).T))
 
-        e_rtn, e_gptq = error(fake_quantize_weight(w, rtn)), error(fake_quantize_weight(w, gptq, hessian=h))
+        e_rtn, e_gptq = (
+            error(fake_quantize_weight(w, rtn.quantization())),
+            error(fake_quantize_weight(w, gptq.quantization(), hessian=h)),
+        )
         print(f"{name:<36}{e_rtn:>10.2f}{e_gptq:>10.2f}{e_rtn / e_gptq:>7.1f}x")
 
 

@@ -109,7 +109,7 @@ def _write(tmp_path, name, text):
         ("missing-data", "error: data file /no/such/data.txt does not exist"),
         ("unknown-module", "layers.model.layers.9.mlp.down_proj: the model has no quantizable module"),
         ("group-too-wide", "default.group_size: 128 is larger than"),
-        ("bad-gene", "default.bits: format 'fp' cannot be 3-bit"),
+        ("bad-gene", "default.format: 'fp' has no 3-bit grid"),
         ("bad-part", "--part must be one of search, eval"),
     ],
 )

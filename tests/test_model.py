@@ -57,7 +57,7 @@ def test_conv1d_is_quantized_along_its_input_dimension():
     unit = lm.unit("transformer.h.0.mlp.c_proj")  # Conv1D weight stored [in=96, out=64]
     assert unit.transposed and unit.module.weight.shape == (96, 64)
     config = LayerConfig().evolve(bits=3, group_size=32)
-    expected = fake_quantize_weight(unit.module.weight.detach().T.clone(), config).T
+    expected = fake_quantize_weight(unit.module.weight.detach().T.clone(), config.quantization()).T
     Quantizer(lm).apply(Strategy(layers={unit.name: config}))
     assert torch.equal(unit.module.weight.detach(), expected)
 

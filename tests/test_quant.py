@@ -23,7 +23,8 @@ def _weight(rows: int = 48, cols: int = 172, seed: int = 0) -> torch.Tensor:
 
 
 def _mse(w: torch.Tensor, config: LayerConfig) -> float:
-    return float(((fake_quantize_weight(w, config, input_transform(config, w)) - w) ** 2).mean())
+    recipe = config.quantization()
+    return float(((fake_quantize_weight(w, recipe, input_transform(recipe, w)) - w) ** 2).mean())
 
 
 FAMILIES = [
@@ -57,21 +58,23 @@ def test_float_formats_error_falls_with_bits():
 
 def test_sixteen_bit_is_exact():
     w = _weight()
-    assert fake_quantize_weight(w, LayerConfig(bits=16)) is w
+    assert fake_quantize_weight(w, LayerConfig(bits=16).quantization()) is w
 
 
 def test_non_divisible_groups_quantize_each_group_alone():
     """172 = 2 x 64 + 44: the short last group gets its own scale from its own values."""
     config = LayerConfig().evolve(bits=3, group_size=64)
     w = _weight(rows=4, cols=172)
-    out = fake_quantize_weight(w, config)
+    out = fake_quantize_weight(w, config.quantization())
     assert out.shape == w.shape and torch.isfinite(out).all()
     bigger_head = w.clone()
     bigger_head[:, :128] *= 50  # changes only the first two groups
-    out2 = fake_quantize_weight(bigger_head, config)
+    out2 = fake_quantize_weight(bigger_head, config.quantization())
     assert torch.equal(out[:, 128:], out2[:, 128:])
     # and the last group alone is quantized exactly like a 44-wide matrix per channel
-    alone = fake_quantize_weight(w[:, 128:].contiguous(), LayerConfig().evolve(bits=3, granularity="channel"))
+    alone = fake_quantize_weight(
+        w[:, 128:].contiguous(), LayerConfig().evolve(bits=3, granularity="channel").quantization()
+    )
     assert torch.equal(out[:, 128:], alone)
 
 
@@ -101,12 +104,12 @@ def test_int_asym_matches_reference_formula(bits):
     w = _weight(rows=16, cols=128)
     config = LayerConfig().evolve(bits=bits, group_size=32)
     expected = _reference_int_asym(w.reshape(-1, 32), bits).reshape(w.shape)
-    assert torch.allclose(fake_quantize_weight(w, config), expected, atol=1e-7)
+    assert torch.allclose(fake_quantize_weight(w, config.quantization()), expected, atol=1e-7)
 
 
 def test_symmetric_int_uses_signed_codes():
     w = _weight(rows=8, cols=64)
-    out = fake_quantize_weight(w, LayerConfig().evolve(bits=4, symmetric=True, granularity="channel"))
+    out = fake_quantize_weight(w, LayerConfig().evolve(bits=4, symmetric=True, granularity="channel").quantization())
     scale = w.abs().amax(dim=1, keepdim=True) / 7.5
     codes = out / scale.half().float()
     assert torch.allclose(codes, codes.round(), atol=1e-4)
@@ -118,8 +121,8 @@ def test_mse_scale_never_worse_than_absmax_per_block():
     w = _weight()
     base = LayerConfig().evolve(bits=3, group_size=32)
     blocks = to_blocks(w, "group", 32)
-    err_absmax = ((quantize_blocks(blocks, base) - blocks) ** 2).nansum(dim=1)
-    err_mse = ((quantize_blocks(blocks, base.evolve(scale="mse")) - blocks) ** 2).nansum(dim=1)
+    err_absmax = ((quantize_blocks(blocks, base.grid()) - blocks) ** 2).nansum(dim=1)
+    err_mse = ((quantize_blocks(blocks, base.evolve(scale="mse").grid()) - blocks) ** 2).nansum(dim=1)
     assert (err_mse <= err_absmax + 1e-12).all()
     assert err_mse.sum() < err_absmax.sum()
 
@@ -141,12 +144,12 @@ def test_e4m3_cast_and_grid_rounding_agree():
 def test_stochastic_rounding_is_unbiased_and_seeded():
     w = _weight(rows=1, cols=64).repeat(4000, 1)
     config = LayerConfig().evolve(bits=3, granularity="channel", rounding="stochastic")
-    out = fake_quantize_weight(w, config, generator=torch.Generator().manual_seed(1))
-    nearest = fake_quantize_weight(w, config.evolve(rounding="nearest"))
+    out = fake_quantize_weight(w, config.quantization(), generator=torch.Generator().manual_seed(1))
+    nearest = fake_quantize_weight(w, config.evolve(rounding="nearest").quantization())
     bias_stochastic = float((out.mean(dim=0) - w[0]).abs().mean())
     bias_nearest = float((nearest.mean(dim=0) - w[0]).abs().mean())
     assert bias_stochastic < bias_nearest / 5
-    again = fake_quantize_weight(w, config, generator=torch.Generator().manual_seed(1))
+    again = fake_quantize_weight(w, config.quantization(), generator=torch.Generator().manual_seed(1))
     assert torch.equal(out, again)
 
 
@@ -156,7 +159,7 @@ def test_topk_keeps_largest_weights_in_fp16():
     mask = topk_mask(w, 0.01)
     assert mask.sum() == math.ceil(w.numel() * 0.01)
     assert mask[3, 7]  # the planted outlier
-    out = fake_quantize_weight(w, config)
+    out = fake_quantize_weight(w, config.quantization())
     assert torch.equal(out[mask], w[mask].half().float())
 
 
@@ -172,7 +175,7 @@ def test_input_transforms_preserve_the_product(outliers):
     x = torch.randn(10, 96)
     x[:, 5] *= 30  # an activation outlier channel
     config = LayerConfig().evolve(bits=4, group_size=32, outliers=outliers)
-    transform = input_transform(config, w, act_absmax=x.abs().amax(dim=0))
+    transform = input_transform(config.quantization(), w, act_absmax=x.abs().amax(dim=0))
     product = transform.input_forward(x) @ transform.weight_forward(w).T
     assert torch.allclose(product, x @ w.T, atol=1e-5)
     assert torch.allclose(transform.weight_inverse(transform.weight_forward(w)), w, atol=1e-6)
@@ -181,7 +184,7 @@ def test_input_transforms_preserve_the_product(outliers):
 def test_smoothing_needs_statistics():
     config = LayerConfig().evolve(bits=4, group_size=32, outliers="smooth")
     with pytest.raises(ValueError, match="activation statistics"):
-        input_transform(config, _weight())
+        input_transform(config.quantization(), _weight())
 
 
 @pytest.mark.parametrize("fmt,bits", [("int", 8), ("int", 4), ("fp", 8)])

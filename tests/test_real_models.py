@@ -281,12 +281,12 @@ def _plain_gptq(w: torch.Tensor, hessian: torch.Tensor, config: LayerConfig, dam
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     group = config.group_size if config.granularity == "group" else None
     if group is None:
-        lo, hi = block_range(w.float(), config)
+        lo, hi = block_range(w.float(), config.grid())
     q = torch.zeros_like(w)
     for i in range(w.shape[1]):
         if group and i % group == 0:
-            lo, hi = block_range(w[:, i : i + group].float(), config)
-        q[:, i] = quantize_in_range(w[:, i : i + 1].float(), lo, hi, config)[:, 0].double()
+            lo, hi = block_range(w[:, i : i + group].float(), config.grid())
+        q[:, i] = quantize_in_range(w[:, i : i + 1].float(), lo, hi, config.grid())[:, 0].double()
         err = (w[:, i] - q[:, i]) / u[i, i]
         w[:, i:] -= err[:, None] * u[i, i:][None, :]
     return q.float()
@@ -306,7 +306,7 @@ def test_blocked_gptq_equals_the_plain_algorithm(config):
     w = torch.randn(48, 200, generator=generator)
     x = torch.randn(512, 200, generator=generator) * torch.linspace(0.2, 3.0, 200)
     hessian = x.T @ x / 512
-    fast = gptq_quantize(w, hessian, config)[0]
+    fast = gptq_quantize(w, hessian, config.grid())[0]
     plain = _plain_gptq(w, hessian, config)
     # Rounding decisions may flip where float error lands a value on a rounding boundary.
     mismatch = (fast - plain).abs() > 1e-4

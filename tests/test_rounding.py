@@ -33,8 +33,8 @@ def calibrated():
 def _quantized(lm, stats, name: str, config: LayerConfig) -> tuple[torch.Tensor, torch.Tensor]:
     w = lm.unit(name).read_weight().float()
     hessian = stats.hessian[name]
-    transform = input_transform(config, w, stats.absmax[name], hessian)
-    return w, fake_quantize_weight(w, config, transform, hessian=hessian)
+    transform = input_transform(config.quantization(), w, stats.absmax[name], hessian)
+    return w, fake_quantize_weight(w, config.quantization(), transform, hessian=hessian)
 
 
 @pytest.mark.parametrize("name", LAYERS)
@@ -56,7 +56,9 @@ def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
     hessian = torch.diag(torch.rand(96, generator=generator) + 0.5)
     for genes in (dict(group_size=32), dict(granularity="channel"), dict(granularity="tensor", symmetric=True)):
         config = LayerConfig().evolve(bits=3, **genes)
-        assert torch.allclose(gptq_quantize(w, hessian, config)[0], fake_quantize_weight(w, config), atol=1e-6)
+        assert torch.allclose(
+            gptq_quantize(w, hessian, config.grid())[0], fake_quantize_weight(w, config.quantization()), atol=1e-6
+        )
 
 
 def test_gptq_keeps_outliers_in_fp16_and_zeroes_dead_inputs(calibrated):
@@ -66,13 +68,13 @@ def test_gptq_keeps_outliers_in_fp16_and_zeroes_dead_inputs(calibrated):
     hessian[5, :] = hessian[:, 5] = 0.0  # input channel 5 never fires
     w = lm.unit(name).read_weight().float()
     config = LayerConfig().evolve(bits=3, group_size=32, outliers="topk", topk_fraction=0.02, rounding="gptq")
-    w_hat = fake_quantize_weight(w, config, hessian=hessian)
+    w_hat = fake_quantize_weight(w, config.quantization(), hessian=hessian)
     kept = topk_mask(w, 0.02)
     kept[:, 5] = False
     # A kept weight is stored as fp16 after the compensation it received.
     assert torch.equal(w_hat[kept], w_hat[kept].half().float())
     assert torch.all(w_hat[:, 5] == 0)
-    w_rtn = fake_quantize_weight(w, config.evolve(rounding="nearest"))
+    w_rtn = fake_quantize_weight(w, config.evolve(rounding="nearest").quantization())
     assert output_error(w, w_hat, hessian) < output_error(w, w_rtn, hessian)
 
 
@@ -93,7 +95,7 @@ def test_awq_transform_preserves_the_product(calibrated, outliers):
     name = LAYERS[1]
     config = LayerConfig().evolve(bits=3, group_size=32, outliers=outliers, rounding="awq")
     w = lm.unit(name).read_weight().float()
-    transform = input_transform(config, w, stats.absmax[name], stats.hessian[name])
+    transform = input_transform(config.quantization(), w, stats.absmax[name], stats.hessian[name])
     assert transform is not None and transform.scale is not None
     x = torch.randn(10, w.shape[1])
     product = transform.input_forward(x) @ transform.weight_forward(w).T
@@ -113,8 +115,8 @@ def test_hqq_lowers_its_lp_error_below_rtn(bits, group_size):
     w[3, 7] = 0.3
     config = LayerConfig().evolve(bits=bits, group_size=group_size)
     blocks = to_blocks(w, "group", group_size)
-    rtn = from_blocks(to_blocks(fake_quantize_weight(w, config), "group", group_size), w.shape)
-    hqq = fake_quantize_weight(w, config.evolve(rounding="hqq"))
+    rtn = from_blocks(to_blocks(fake_quantize_weight(w, config.quantization()), "group", group_size), w.shape)
+    hqq = fake_quantize_weight(w, config.evolve(rounding="hqq").quantization())
     assert _lp_error(w, hqq) < 0.97 * _lp_error(w, rtn)
     assert hqq.shape == w.shape and torch.isfinite(hqq).all() and blocks.shape[1] == group_size
 
@@ -124,7 +126,7 @@ def test_hqq_skips_padding_and_kept_outliers():
     blocks = to_blocks(w, "group", 32)  # second group of each row: 8 values + 24 NaN
     blocks[0, :4] = float("nan")  # four kept outliers
     config = LayerConfig().evolve(bits=3, group_size=32, rounding="hqq")
-    out = hqq_quantize_in_range(blocks, *block_range(blocks, config), config)
+    out = hqq_quantize_in_range(blocks, *block_range(blocks, config.grid()), config.grid())
     assert torch.equal(torch.isnan(out), torch.isnan(blocks))
     assert torch.isfinite(out[~torch.isnan(blocks)]).all()
 
@@ -135,7 +137,7 @@ def test_hqq_zero_points_match_the_hqq_package():
     blocks = torch.randn(96, 64, generator=generator) * 0.02
     for bits in (2, 3, 4):
         qmax = 2**bits - 1
-        lo, hi = block_range(blocks, LayerConfig().evolve(bits=bits, group_size=64))
+        lo, hi = block_range(blocks, LayerConfig().evolve(bits=bits, group_size=64).grid())
         scale, _ = affine_params(lo, hi, bits)
         inv_scale, zero = 1.0 / scale, -lo / scale
         ours = optimize_zero(blocks, inv_scale, zero, qmax)

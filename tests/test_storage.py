@@ -7,7 +7,7 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from qopt.storage import BatchedParamStorage, count_trials, open_storage
+from qopt.storage import TESTED_OPTUNA, BatchedParamStorage, check_optuna_version, count_trials, open_storage
 
 N_PARAMS = 40
 
@@ -95,3 +95,12 @@ def test_a_running_trial_reads_its_waiting_params_without_writing_them(tmp_path)
     study.optimize(objective, n_trials=1)
     x = study.trials[0].params["x"]
     assert seen == {"own read": {"x": x}, "own param": x, "other reader": {}}
+
+
+def test_an_untested_optuna_release_is_refused_with_the_fix():
+    assert optuna.__version__.rsplit(".", 1)[0] in TESTED_OPTUNA  # the installed one was tested
+    check_optuna_version("5.0.7")
+    with pytest.raises(ImportError, match=r"optuna 5\.1\.0 is installed.*pip install 'optuna>=5\.0,<5\.1'"):
+        check_optuna_version("5.1.0")
+    with pytest.warns(UserWarning, match="optuna 6.0.0"):
+        check_optuna_version("6.0.0", allow_untested=True)

@@ -32,8 +32,8 @@ def test_dict_round_trip_and_evolve_identity(config):
     "genes, field",
     [
         ({"bits": 7}, "bits"),
-        ({"bits": 3, "format": "fp"}, "bits"),
-        ({"bits": 8, "format": "nf4"}, "bits"),
+        ({"bits": 3, "format": "fp"}, "format"),
+        ({"bits": 8, "format": "nf4"}, "format"),
         ({"bits": 4, "format": "nf4", "symmetric": False}, "symmetric"),
         ({"bits": 4, "granularity": "diagonal"}, "granularity"),
         ({"bits": 4, "group_size": 8}, "group_size"),

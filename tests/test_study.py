@@ -44,7 +44,7 @@ def _pareto_ok(trials) -> bool:
 
 def test_twenty_trials_give_a_feasible_non_dominated_front(config, url):
     qstudy.create("s", config, url)
-    assert qstudy.launch("s", n_trials=20, url=url, progress=False) > 0
+    assert qstudy.launch("s", n_trials=20, url=url, progress=False).completed > 0
     study, _ = qstudy.load("s", url)
     assert len(study.trials) == 20
     front = study.best_trials

@@ -20,9 +20,9 @@ from collections.abc import Callable
 import torch
 
 from qopt.quant.formats import float_levels, int_range
+from qopt.quant.grid import QuantGrid
 from qopt.quant.rounding import round_to_levels
 from qopt.quant.scales import block_range, grid_params, to_blocks
-from qopt.strategy import LayerConfig
 
 DAMP = 0.01
 BLOCK_COLUMNS = 128
@@ -31,7 +31,7 @@ BLOCK_COLUMNS = 128
 def gptq_quantize(
     w: torch.Tensor,
     hessian: torch.Tensor,
-    config: LayerConfig,
+    grid: QuantGrid,
     kept: torch.Tensor | None = None,
     damp: float = DAMP,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -54,14 +54,14 @@ def gptq_quantize(
     h += damp * torch.mean(torch.diag(h)) * torch.eye(n_cols, device=w.device)
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
-    group = config.group_size if config.granularity == "group" else None
+    group = grid.group_size if grid.granularity == "group" else None
     if group is None:  # one range per row or for the whole tensor, from the matrix as it is
-        lo, hi = block_range(to_blocks(_masked(w, kept), config.granularity, None), config)
+        lo, hi = block_range(to_blocks(_masked(w, kept), grid.granularity, None), grid)
         ranges = [(lo, hi)]
-        lo, hi = (lo, hi) if config.granularity == "channel" else (lo.expand(w.shape[0], 1), hi.expand(w.shape[0], 1))
+        lo, hi = (lo, hi) if grid.granularity == "channel" else (lo.expand(w.shape[0], 1), hi.expand(w.shape[0], 1))
     else:
         ranges = []
-    rounder = None if group else _column_rounder(lo, hi, config)
+    rounder = None if group else _column_rounder(lo, hi, grid)
     # Blocks of whole groups, so a group's range is always read from up-to-date weights.
     step = group * math.ceil(BLOCK_COLUMNS / group) if group else BLOCK_COLUMNS
     q_all = torch.zeros_like(w)
@@ -74,10 +74,10 @@ def gptq_quantize(
             if group and i % group == 0:
                 segment = w_block[:, i : i + group]
                 lo, hi = block_range(
-                    _masked(segment, None if kept is None else kept[:, start + i : start + i + group]), config
+                    _masked(segment, None if kept is None else kept[:, start + i : start + i + group]), grid
                 )
                 ranges.append((lo, hi))
-                rounder = _column_rounder(lo, hi, config)
+                rounder = _column_rounder(lo, hi, grid)
             column = w_block[:, i : i + 1]
             q = rounder(column)
             if kept is not None:
@@ -92,17 +92,17 @@ def gptq_quantize(
     return q_all, lo_all, hi_all
 
 
-def _column_rounder(lo: torch.Tensor, hi: torch.Tensor, config: LayerConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+def _column_rounder(lo: torch.Tensor, hi: torch.Tensor, grid: QuantGrid) -> Callable[[torch.Tensor], torch.Tensor]:
     """Round-to-nearest of an [out, 1] column onto the grid of the range [lo, hi] ([out, 1]).
 
     The same arithmetic as `scales.quantize_in_range`, with the grid resolved once
     per group instead of once per column: the sweep calls this for every column.
     """
-    scale, zero = grid_params(lo, hi, config)
-    if config.format != "int":
-        levels = float_levels(config.format, config.bits).to(lo.device)
+    scale, zero = grid_params(lo, hi, grid)
+    if grid.format != "int":
+        levels = float_levels(grid.format, grid.bits).to(lo.device)
         return lambda column: round_to_levels(column / scale, levels) * scale
-    qmin, qmax = int_range(config.bits, config.symmetric)
+    qmin, qmax = int_range(grid.bits, grid.symmetric)
     if zero is None:
         return lambda column: torch.round(column / scale).clamp_(qmin, qmax).mul_(scale)
     return lambda column: torch.round(column / scale + zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from qopt.quant.formats import int_range
+from qopt.quant.grid import QuantGrid
 from qopt.quant.scales import stored_scale
-from qopt.strategy import LayerConfig
 
 LP_NORM = 0.7
 BETA = 10.0
@@ -56,33 +56,29 @@ def optimize_zero(
 
 
 def hqq_grid(
-    blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, config: LayerConfig
+    blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, grid: QuantGrid
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block (scale, zero point) of HQQ for `blocks` ([n, len], NaN = skip) whose
     initial range is [lo, hi] ([n, 1]): the range's scale, an optimised fractional zero.
 
     Both stored in fp16, like every scale and zero point qopt counts.
     """
-    assert config.format == "int" and not config.symmetric
-    _, qmax = int_range(config.bits, symmetric=False)
+    assert grid.format == "int" and not grid.symmetric
+    _, qmax = int_range(grid.bits, symmetric=False)
     lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
     scale = stored_scale((hi - lo) / qmax)
     zero = optimize_zero(blocks, 1.0 / scale, -lo / scale, qmax)
     return scale, zero.to(torch.float16).to(blocks.dtype)
 
 
-def hqq_quantize_in_range(
-    blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, config: LayerConfig
-) -> torch.Tensor:
+def hqq_quantize_in_range(blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
     """Asymmetric INT fake quantization of `blocks` ([n, len], NaN = skip) on the HQQ grid
     (`hqq_grid`); returns the dequantized values."""
-    return quantize_on_grid(blocks, *hqq_grid(blocks, lo, hi, config), config)
+    return quantize_on_grid(blocks, *hqq_grid(blocks, lo, hi, grid), grid)
 
 
-def quantize_on_grid(
-    blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: LayerConfig
-) -> torch.Tensor:
+def quantize_on_grid(blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
     """Round `blocks` to the nearest point of an asymmetric INT grid with a fractional zero."""
-    _, qmax = int_range(config.bits, symmetric=False)
+    _, qmax = int_range(grid.bits, symmetric=False)
     q = torch.round(blocks / scale + zero).clamp(0, qmax)
     return torch.where(torch.isnan(blocks), blocks, (q - zero) * scale)

@@ -15,29 +15,17 @@ and it has no clip search or stochastic rounding.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from qopt.quant.formats import float_levels, grid_max, int_range
+from qopt.quant.grid import QuantGrid
 from qopt.quant.rounding import round_to_int, round_to_levels
-from qopt.strategy import LayerConfig
 
 #: Shrink factors tried by the MSE clip search (1.0 = abs-max, no clipping).
 MSE_SHRINK_FACTORS = tuple(1.0 - 0.05 * i for i in range(11))
 # Scales are stored in fp16: keep them inside its positive range.
 _FP16_TINY = 2.0**-24
 _FP16_MAX = 65504.0
-
-
-def n_blocks(out_features: int, in_features: int, granularity: str, group_size: int | None) -> int:
-    """How many blocks (each with its own scale) a [out, in] matrix has."""
-    if granularity == "tensor":
-        return 1
-    if granularity == "channel":
-        return out_features
-    assert group_size is not None
-    return out_features * math.ceil(in_features / group_size)
 
 
 def to_blocks(w: torch.Tensor, granularity: str, group_size: int | None) -> torch.Tensor:
@@ -61,27 +49,27 @@ def from_blocks(blocks: torch.Tensor, shape: torch.Size | tuple[int, int]) -> to
 
 
 def quantize_blocks(
-    blocks: torch.Tensor, config: LayerConfig, generator: torch.Generator | None = None
+    blocks: torch.Tensor, grid: QuantGrid, stochastic: bool = False, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Fake-quantize each block onto the config's grid; returns dequantized values.
+    """Fake-quantize each block onto `grid`; returns dequantized values.
 
     `blocks` is [n_blocks, block_len] fp32, NaN where nothing is quantized (NaN
     stays NaN). The scale rule (abs-max, MSE clip search, percentile clip)
     picks one range per block; scales and zero points are rounded to fp16, as
     they are stored.
     """
-    lo, hi = block_range(blocks, config)
-    return quantize_in_range(blocks, lo, hi, config, config.rounding == "stochastic", generator)
+    lo, hi = block_range(blocks, grid)
+    return quantize_in_range(blocks, lo, hi, grid, stochastic, generator)
 
 
-def block_range(blocks: torch.Tensor, config: LayerConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The range [lo, hi] (each [n_blocks, 1]) that the config's scale rule picks per block."""
-    if config.scale == "percentile":
-        assert config.clip_percentile is not None
-        return _percentile_range(blocks, config.clip_percentile / 100.0)
+def block_range(blocks: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range [lo, hi] (each [n_blocks, 1]) that the grid's scale rule picks per block."""
+    if grid.scale_rule == "percentile":
+        assert grid.clip_percentile is not None
+        return _percentile_range(blocks, grid.clip_percentile / 100.0)
     lo, hi = _absmax_range(blocks)
-    if config.scale == "mse":
-        shrink = _mse_shrink(blocks, lo, hi, config)
+    if grid.scale_rule == "mse":
+        shrink = _mse_shrink(blocks, lo, hi, grid)
         lo, hi = lo * shrink, hi * shrink
     return lo, hi
 
@@ -111,80 +99,76 @@ def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.
     return scale, zero
 
 
-def grid_params(lo: torch.Tensor, hi: torch.Tensor, config: LayerConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+def grid_params(lo: torch.Tensor, hi: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-block (scale, zero point) of the grid covering [lo, hi] (both [n, 1]), as
     stored: fp16-valued scales; integer zero points for asymmetric INT, else None."""
     lo = lo.clamp(max=0.0)  # keep 0 exactly representable, as GPTQ and torchao do
     hi = hi.clamp(min=0.0)
-    if config.format == "int":
-        if not config.symmetric:
-            return affine_params(lo, hi, config.bits)
-        qmin, qmax = int_range(config.bits, symmetric=True)
+    if grid.format == "int":
+        if not grid.symmetric:
+            return affine_params(lo, hi, grid.bits)
+        qmin, qmax = int_range(grid.bits, symmetric=True)
         return stored_scale(torch.maximum(-lo, hi) / ((qmax - qmin) / 2)), None
-    return stored_scale(torch.maximum(-lo, hi) / grid_max(config.format, config.bits)), None
+    return stored_scale(torch.maximum(-lo, hi) / grid_max(grid.format, grid.bits)), None
 
 
 def quantize_in_range(
     blocks: torch.Tensor,
     lo: torch.Tensor,
     hi: torch.Tensor,
-    config: LayerConfig,
+    grid: QuantGrid,
     stochastic: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Quantize blocks ([n, len], NaN = skip) whose representable range is [lo, hi]
     (both [n, 1], or broadcastable); returns the dequantized values."""
-    scale, zero = grid_params(lo, hi, config)
-    if config.format == "int":
-        qmin, qmax = int_range(config.bits, config.symmetric)
+    scale, zero = grid_params(lo, hi, grid)
+    if grid.format == "int":
+        qmin, qmax = int_range(grid.bits, grid.symmetric)
         if zero is None:
             out = round_to_int(blocks / scale, qmin, qmax, stochastic, generator) * scale
         else:
             out = (round_to_int(blocks / scale + zero, qmin, qmax, stochastic, generator) - zero) * scale
     else:
-        levels = float_levels(config.format, config.bits).to(blocks.device)
+        levels = float_levels(grid.format, grid.bits).to(blocks.device)
         out = round_to_levels(blocks / scale, levels, stochastic, generator) * scale
     return torch.where(torch.isnan(blocks), blocks, out)
 
 
-def grid_codes(
-    values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, config: LayerConfig
-) -> torch.Tensor:
+def grid_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, grid: QuantGrid) -> torch.Tensor:
     """The unsigned codes (int64, in [0, 2^bits)) of dequantized grid `values`
     ([n, len] blocks, NaN = not on the grid: code 0), given each block's grid."""
     on_grid = values.nan_to_num(0.0)
-    if config.format == "int":
-        qmin, _ = int_range(config.bits, config.symmetric)
+    if grid.format == "int":
+        qmin, _ = int_range(grid.bits, grid.symmetric)
         q = torch.round(on_grid / scale) if zero is None else torch.round(on_grid / scale + zero)
         codes = q - qmin
     else:
-        levels = float_levels(config.format, config.bits).to(values.device)  # sorted ascending
+        levels = float_levels(grid.format, grid.bits).to(values.device)  # sorted ascending
         x = (on_grid / scale).contiguous()
         upper = torch.searchsorted(levels, x).clamp(1, len(levels) - 1)
         codes = torch.where((x - levels[upper - 1]).abs() <= (levels[upper] - x).abs(), upper - 1, upper)
     return codes.masked_fill(torch.isnan(values), 0).to(torch.int64)
 
 
-def grid_values(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, config: LayerConfig
-) -> torch.Tensor:
+def grid_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, grid: QuantGrid) -> torch.Tensor:
     """Inverse of `grid_codes`: the dequantized fp32 values of codes ([n, len] blocks),
     computed exactly as quantization computed them."""
-    if config.format == "int":
-        qmin, _ = int_range(config.bits, config.symmetric)
+    if grid.format == "int":
+        qmin, _ = int_range(grid.bits, grid.symmetric)
         q = (codes + qmin).float()
         return q * scale if zero is None else (q - zero) * scale
-    levels = float_levels(config.format, config.bits).to(codes.device)
+    levels = float_levels(grid.format, grid.bits).to(codes.device)
     return levels[codes] * scale
 
 
-def _mse_shrink(blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, config: LayerConfig) -> torch.Tensor:
+def _mse_shrink(blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
     """Per block, the factor shrinking [lo, hi] that gives the least squared error."""
     valid = ~torch.isnan(blocks)
     best_err = torch.full((blocks.shape[0], 1), float("inf"), device=blocks.device)
     best = torch.ones_like(best_err)
     for factor in MSE_SHRINK_FACTORS:
-        hat = quantize_in_range(blocks, lo * factor, hi * factor, config)
+        hat = quantize_in_range(blocks, lo * factor, hi * factor, grid)
         err = ((hat - blocks) ** 2).masked_fill(~valid, 0.0).sum(dim=1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

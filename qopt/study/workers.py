@@ -189,7 +189,7 @@ def launch(
     that many completed trials, whoever ran them. The same call on other
     machines with the same storage joins the same study.
     """
-    from qopt.study import load
+    from qopt.study.create import load
 
     check_launch(n_trials, until, timeout, workers, heartbeat)
     study, _ = load(name, url)  # fail fast on a bad name or storage, before any process starts
@@ -208,7 +208,7 @@ def launch(
 
 def counts(study: optuna.Study, launch_id: str) -> LaunchCounts:
     """The trials of launch `launch_id` by outcome."""
-    from qopt.study import SCREENED
+    from qopt.study.objective import SCREENED
 
     attrs = {LAUNCH_ATTR: launch_id}
     return LaunchCounts(
@@ -254,11 +254,12 @@ def run_worker(job: Job) -> None:
 
 
 def _work(job: Job, stop: Stop) -> None:
-    from qopt.study import SearchRun, _load_from
+    from qopt.study.create import load_from
+    from qopt.study.objective import SearchRun
 
     retry = Retrying(stop, patience_s=job.patience_s)
     storage = open_storage(job.url, job.heartbeat)
-    study, config = _load_from(storage, job.name, job.url)
+    study, config = load_from(storage, job.name, job.url)
     run = SearchRun(config, retry=retry)
     run.evaluation = stop.evaluation
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -398,7 +399,7 @@ def _run_pool(jobs: list[Job], progress: bool) -> None:
     """Run one worker process per job with one progress bar. A worker that dies (killed,
     out of memory) is replaced by one that runs the rest of its share. Ctrl-C or SIGTERM
     stops them all cleanly."""
-    from qopt.study import load
+    from qopt.study.create import load
 
     context = multiprocessing.get_context("spawn")  # torch and fork do not mix
 

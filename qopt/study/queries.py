@@ -1,0 +1,186 @@
+"""Reading a study: its Pareto front with held-out metrics, the best trial under a bpw, status.
+
+Queries read what they need with targeted storage calls (`storage.trial_summaries`,
+`storage.load_trial`), so they stay fast at thousands of trials.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from optuna.trial import FrozenTrial, TrialState
+from tqdm.auto import tqdm
+
+from qopt.errors import QoptError
+from qopt.space import SearchSpace
+from qopt.storage import load_trial, trial_summaries
+from qopt.strategy import Strategy
+from qopt.study.config import StudyConfig
+from qopt.study.create import completed, load
+from qopt.study.objective import EVAL_ATTR_PREFIX, SCREENED, SearchRun
+
+
+@dataclass(frozen=True)
+class FrontMember:
+    """One strategy on (or beside) the Pareto front, with held-out metrics."""
+
+    trial: int
+    bpw: float
+    search_kl: float
+    search_ppl: float
+    eval_kl: float
+    eval_ppl: float
+    eval_top1: float
+    baseline: str | None
+
+
+def front(name: str, url: str | None = None, with_baselines: bool = True, progress: bool = False) -> list[FrontMember]:
+    """The feasible Pareto front (by search-part objectives), evaluated on the eval part.
+
+    Baseline trials are appended (marked) so a front can be read against them.
+    Members not yet measured on the held-out part are measured (with a progress
+    bar if `progress`), each stored as soon as it is, so an interrupted call keeps them.
+    """
+    study, config = load(name, url)
+    trials = sorted(study.best_trials, key=lambda t: t.user_attrs["bpw"])
+    if with_baselines:
+        chosen = {t.number for t in trials}
+        trials += [t for t in completed(study) if "baseline" in t.user_attrs and t.number not in chosen]
+    if not trials:
+        return []
+    run: SearchRun | None = None  # loaded only if some member's held-out metrics are missing
+    stored = study.user_attrs
+    missing = sum(f"{EVAL_ATTR_PREFIX}{t.number}" not in stored for t in trials)
+    bar = tqdm(total=missing, desc="measuring on held-out text", disable=not progress or not missing)
+    members = []
+    for trial in trials:
+        held_out = stored.get(f"{EVAL_ATTR_PREFIX}{trial.number}")  # measured once, then stored
+        if held_out is None:
+            run = run or SearchRun(config)
+            held_out = run.measure_held_out(study, trial)
+            bar.update(1)
+        members.append(
+            FrontMember(
+                trial=trial.number,
+                bpw=trial.user_attrs["bpw"],
+                search_kl=trial.values[0] if config.objectives[0] == "kl" else float("nan"),
+                search_ppl=trial.user_attrs.get("ppl", float("nan")),
+                eval_kl=held_out["kl"],
+                eval_ppl=held_out["ppl"],
+                eval_top1=held_out["top1"],
+                baseline=trial.user_attrs.get("baseline"),
+            )
+        )
+    bar.close()
+    return members
+
+
+def best(name: str, max_bpw: float, url: str | None = None) -> tuple[FrozenTrial, Strategy]:
+    """The feasible trial with the best search-part quality at bpw <= `max_bpw`, as a Strategy.
+
+    Reads the trials' values and bpw only, then the chosen trial's parameters."""
+    study, config = load(name, url)
+    budget = config.budget_bpw if config.budget_bpw is not None else float("inf")
+    eligible = [
+        t
+        for t in trial_summaries(study, user_keys=("bpw",))
+        if t.values is not None and t.user_attrs.get("bpw", float("inf")) <= min(max_bpw, budget)
+    ]
+    if not eligible:
+        raise QoptError(f"no completed trial of study {name!r} has bpw <= {max_bpw}")
+    trial = load_trial(study, min(eligible, key=lambda t: t.values[0]).trial_id)
+    return trial, _strategy_of(name, config, trial)
+
+
+def trial_strategy(name: str, number: int, url: str | None = None) -> tuple[StudyConfig, FrozenTrial, Strategy]:
+    """Trial `number` of study `name` (any state that drew its genes), as a Strategy."""
+    study, config = load(name, url)
+    trials = study.get_trials(deepcopy=False)
+    trial = next((t for t in trials if t.number == number), None)
+    if trial is None:
+        raise QoptError(f"study {name!r} has no trial {number} (it has {len(trials)})")
+    if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+        raise QoptError(f"trial {number} of study {name!r} is {trial.state.name.lower()}, not measured")
+    return config, trial, _strategy_of(name, config, trial)
+
+
+def _strategy_of(name: str, config: StudyConfig, trial: FrozenTrial) -> Strategy:
+    from qopt.model import load_skeleton
+
+    space = SearchSpace(load_skeleton(config.model).units, config.search)
+    return space.strategy(space.decode(trial.params), name=f"{name} trial {trial.number}")
+
+
+def structure(name: str, url: str | None = None):
+    """The emergent structure of study `name`'s feasible front (`qopt.structure.Structure`)."""
+    from qopt.model import load_skeleton
+    from qopt.structure import analyse
+
+    study, config = load(name, url)
+    space = SearchSpace(load_skeleton(config.model).units, config.search)
+    return analyse(space, study.best_trials, completed(study))
+
+
+def status(name: str, url: str | None = None) -> dict[str, Any]:
+    """Counts by state, the front's size, and timing of a study. `screened` trials
+    (pruned after their first batch by the multi-fidelity screen) are among the pruned.
+
+    Reads values and a few attributes of each trial, never their parameters: under two
+    seconds at thousands of trials."""
+    study, config = load(name, url)
+    trials = trial_summaries(
+        study, user_keys=("bpw", "baseline", "rejected"), system_keys=("GenomeSampler:generation",)
+    )
+    done = [t for t in trials if t.values is not None]
+    durations = [t.seconds for t in done if t.seconds is not None]
+    budget = config.budget_bpw if config.budget_bpw is not None else float("inf")
+    feasible = [t for t in done if t.user_attrs.get("bpw", float("inf")) <= budget]
+    return {
+        "name": name,
+        "model": config.model,
+        "budget_bpw": config.budget_bpw,
+        "objectives": list(config.objectives),
+        "trials": len(trials),
+        **{state.name.lower(): sum(t.state == state for t in trials) for state in TrialState},
+        "front": int(non_dominated([t.values for t in feasible]).sum()) if feasible else 0,
+        "baselines": sum("baseline" in t.user_attrs for t in done),
+        "screened": sum(str(t.user_attrs.get("rejected", "")).startswith(SCREENED) for t in trials),
+        "mean_trial_seconds": sum(durations) / len(durations) if durations else None,
+        "generation": max((t.system_attrs.get("GenomeSampler:generation", 0) for t in trials), default=0),
+    }
+
+
+def non_dominated(values: Sequence[Sequence[float]]) -> np.ndarray:
+    """Boolean mask of the points (rows of objective values, all minimised) that no other
+    point dominates (no worse in every objective, better in one). Equal points all stay."""
+    points = np.asarray(values, dtype=float)
+    if points.ndim == 2 and points.shape[1] == 2:
+        return _non_dominated_2d(points)
+    keep = np.ones(len(points), dtype=bool)
+    for start in range(0, len(points), 256):  # [256, n, objectives] comparisons at a time
+        block = points[start : start + 256, None, :]
+        dominated = ((points[None] <= block).all(-1) & (points[None] < block).any(-1)).any(-1)
+        keep[start : start + 256] = ~dominated
+    return keep
+
+
+def _non_dominated_2d(points: np.ndarray) -> np.ndarray:
+    """`non_dominated` for two objectives in O(n log n): sweep by the first, then the second."""
+    order = np.lexsort((points[:, 1], points[:, 0]))
+    keep = np.zeros(len(points), dtype=bool)
+    best_before = np.inf  # least second objective among points with a smaller first objective
+    i = 0
+    while i < len(order):
+        j = i
+        while j < len(order) and points[order[j], 0] == points[order[i], 0]:
+            j += 1
+        group = order[i:j]  # equal first objective, sorted by the second
+        least = points[group[0], 1]
+        if least < best_before:
+            keep[group[points[group, 1] == least]] = True
+        best_before = min(best_before, least)
+        i = j
+    return keep
