@@ -115,10 +115,9 @@ def strategy_show(
     )
 
 
-def _say_source(lm) -> None:
-    """Tell the user, on stderr, when the model's own weights were already quantized (GGUF)."""
-    if lm.source_note:
-        typer.echo(f"note: {lm.source_note}", err=True)
+def _note(message: str) -> None:
+    """Tell the user something on stderr (e.g. that a GGUF model's weights were already quantized)."""
+    typer.echo(f"note: {message}", err=True)
 
 
 def _head_label(head_bpw: float) -> str:
@@ -166,48 +165,29 @@ def eval_command(
 
     With --checkpoint, model, data and settings default to the export's: its metrics are reproduced.
     """
-    from qopt.data import PARTS, load_text
-    from qopt.evaluate import EvalSettings, Evaluator
-    from qopt.export import load_checkpoint, read_manifest, use_checkpoint
-    from qopt.model import load_model, parse_dtype
+    from qopt.measure import measure
 
-    if part not in PARTS:
-        raise QoptError(f"--part must be one of {', '.join(PARTS)}, got {part!r}")
-    if (strategy is None) == (checkpoint is None):
-        raise QoptError("give exactly one of --strategy FILE or --checkpoint DIR")
-    settings = EvalSettings()
-    if checkpoint is not None:
-        manifest = read_manifest(checkpoint)
-        model = model or manifest["model"]
-        data = data or manifest.get("data")
-        settings = EvalSettings(**manifest.get("eval", {}))
-    if model is None:
-        raise QoptError("give --model")
-    if data is None:
-        raise QoptError("give --data (the checkpoint does not record its data)")
     overrides = {"seq_len": seq_len, "batch_size": batch_size, "seed": seed}
     if windows is not None:
         overrides["search_windows" if part == "search" else "eval_windows"] = windows
-    settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-    text = load_text(data)
-    lm = load_model(model, device=device, dtype=parse_dtype(dtype))
-    _say_source(lm)
-    evaluator = Evaluator.from_text(lm, text, settings, progress=True)
-    if checkpoint is not None:
-        loaded = load_checkpoint(checkpoint, lm.device)
-        use_checkpoint(evaluator.quantizer, loaded)
-        parsed, label = loaded.strategy, f"checkpoint {checkpoint}"
-    else:
-        assert strategy is not None
-        parsed, label = Strategy.load(strategy), str(strategy)
-    metrics = evaluator.evaluate(parsed, part)
+    result = measure(
+        part=part,
+        model=model,
+        data=data,
+        strategy=strategy,
+        checkpoint=checkpoint,
+        overrides=overrides,
+        device=device,
+        dtype=dtype,
+        on_note=_note,
+    )
+    metrics, n_windows = result.metrics, result.n_windows
     if as_json:
         typer.echo(json.dumps(metrics.to_dict()))
         return
-    n_windows = len(evaluator.split.part(part))
     rows = [
-        ("model", model),
-        ("strategy", f"{label} ({parsed.name or 'unnamed'})"),
+        ("model", result.model),
+        ("strategy", f"{result.label} ({result.strategy.name or 'unnamed'})"),
         ("part", f"{part}: {n_windows} windows x {metrics.tokens // n_windows} tokens = {metrics.tokens} tokens"),
         ("bpw", f"{metrics.bpw:.3f} (block linear layers)"),
         ("edges", f"embed {metrics.embed_bpw:.3f} bpw, head {_head_label(metrics.head_bpw)}"),
@@ -218,7 +198,7 @@ def eval_command(
             f"{metrics.ppl:.3f} (unquantized {metrics.fp_ppl:.3f}, {metrics.ppl / metrics.fp_ppl - 1:+.2%})",
         ),
         ("top-1", f"{metrics.top1:.2%} agreement"),
-        ("time", f"{metrics.seconds:.2f} s on {lm.device} ({dtype})"),
+        ("time", f"{metrics.seconds:.2f} s on {result.device}"),
     ]
     for row_label, value in rows:
         typer.echo(f"{row_label:<11}{value}")
@@ -253,13 +233,8 @@ def export_command(
 
     From a strategy file: qopt export --strategy FILE --model M [--data D] -o DIR.
     """
-    from qopt.data import load_text
-    from qopt.evaluate import EvalSettings, Evaluator
-    from qopt.export import export_checkpoint
-    from qopt.io import check_output, fresh_folder
-    from qopt.llamacpp import override_file, tensor_types
-    from qopt.model import load_model, parse_dtype
-    from qopt.quantizer import Quantizer
+    from qopt.evaluate import EvalSettings
+    from qopt.measure import export
 
     if (name is None) == (strategy is None) or (name is not None and (trial is None) == (max_bpw is None)):
         raise QoptError("give a study NAME with --trial T or --max-bpw B, or --strategy FILE with --model M")
@@ -282,22 +257,10 @@ def export_command(
         if model is None:
             raise QoptError("--strategy needs --model")
         parsed, settings = Strategy.load(strategy), EvalSettings()
-    protected = [Path(model)] if Path(model).expanduser().is_dir() else []
-    if Path(model).expanduser().is_file():  # a .gguf file: its folder holds the source
-        protected = [Path(model).expanduser().parent]
-    check_output(output, force=force, protected=protected)  # refuse a bad output before loading anything
-    lm = load_model(model, device=device, dtype=parse_dtype(dtype))
-    _say_source(lm)
-    if data is not None:
-        quantizer = Evaluator.from_text(lm, load_text(data), settings).quantizer
-    else:
-        quantizer = Quantizer(lm)
-    source = {"data": data, "eval": dataclasses.asdict(settings)} if data is not None else {}
-    with fresh_folder(output, force=force, protected=protected) as folder:
-        manifest = export_checkpoint(quantizer, parsed, folder, seed=settings.seed, source=source)
-        types = tensor_types(lm.units, quantizer.plan(parsed))
-        (folder / "llama-tensor-types.txt").write_text(override_file(types, parsed.name or str(output)))
-    lost = sum(bool(t.lost) for t in types)
+    written = export(
+        output, parsed, model, data=data, settings=settings, device=device, dtype=dtype, force=force, on_note=_note
+    )
+    manifest = written.manifest
     counted, stored = manifest["quantized_counted_bytes"], manifest["quantized_stored_bytes"]
     typer.echo(f"wrote {output}: {parsed.name or 'strategy'} at {manifest['bpw']:.3f} bpw")
     typer.echo(
@@ -305,7 +268,9 @@ def export_command(
         f"({stored / counted - 1:+.2%}); other parameters {manifest['plain_stored_bytes']:,} bytes "
         f"({manifest['plain_dtype']}); model.safetensors {manifest['file_bytes']:,} bytes"
     )
-    typer.echo(f"llama-tensor-types.txt: {len(types)} tensors, {lost} with genes llama.cpp cannot express")
+    typer.echo(
+        f"llama-tensor-types.txt: {written.n_tensors} tensors, {written.n_lost} with genes llama.cpp cannot express"
+    )
 
 
 @baseline_app.command("run")
@@ -369,14 +334,11 @@ def baseline_run(
     else:
         if model is None or data is None:
             raise QoptError("give --model and --data, or --study NAME")
-        from qopt.data import load_text
-        from qopt.evaluate import EvalSettings, Evaluator
-        from qopt.model import load_model, parse_dtype
+        from qopt.evaluate import EvalSettings
+        from qopt.measure import evaluator_for
 
-        text = load_text(data)
-        lm = load_model(model, device=device, dtype=parse_dtype(dtype))
-        _say_source(lm)
-        evaluator = Evaluator.from_text(lm, text, EvalSettings(**overrides), progress=not as_json)
+        settings = EvalSettings(**overrides)
+        evaluator = evaluator_for(model, data, settings, device, dtype, on_note=_note, progress=not as_json)
     if groups is None:
         groups = [baselines.fitting_group_size(evaluator.lm.units)]
         if not as_json:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from qopt.errors import QoptError
@@ -110,8 +111,10 @@ def gene(family: str, *, default: Any = None, **metadata: Any) -> Any:
     return dataclasses.field(default=field_default, metadata={"gene": described})
 
 
+@cache
 def schema(config_class: type) -> tuple[Gene, ...]:
-    """The genes of a `LayerConfig` class, in field order, each with its name."""
+    """The genes of a `LayerConfig` class (or a subclass adding genes), in field order,
+    each with its name."""
     return tuple(
         dataclasses.replace(f.metadata["gene"], name=f.name, unit=f.metadata["gene"].unit or f.name)
         for f in dataclasses.fields(config_class)

@@ -38,7 +38,7 @@ from optuna.samplers import NSGAIISampler
 from optuna.trial import FrozenTrial
 
 from qopt.errors import QoptError
-from qopt.space import GENE_UNITS, UNIT_FAMILY, Genome, SearchSpace
+from qopt.space import Genome, SearchSpace
 from qopt.strategy import LayerConfig
 
 
@@ -101,13 +101,13 @@ def replace_family(genome: Genome, space: SearchSpace, rng: np.random.RandomStat
     """Each group, with probability `rate`, redraws one gene unit of `family` at random."""
     if family not in space.config.families:
         return genome
-    units = [u for u, f in UNIT_FAMILY.items() if f == family]
+    units = [u for u, f in space.unit_family.items() if f == family]
     child = dict(genome)
     for group in space.groups:
         if rng.random_sample() < rate:
             unit = units[rng.randint(len(units))]
             donor = space.random_config(group, rng)
-            child[group.name] = space.replace_genes(child[group.name], donor, GENE_UNITS[unit], group)
+            child[group.name] = space.replace_genes(child[group.name], donor, space.gene_units[unit], group)
     return child
 
 
@@ -128,17 +128,18 @@ def toggle_outliers(genome: Genome, space: SearchSpace, rng: np.random.RandomSta
         if config.outliers != "none":
             child[group.name] = space.repair({**config.to_dict(), "outliers": "none"}, group)
         else:
-            policy = ("topk", "smooth", "rotate")[rng.randint(3)]
+            policies = [p for p in space.gene("outliers").values if p != "none"]
+            policy = policies[rng.randint(len(policies))]
             child[group.name] = space.repair({**config.to_dict(), "outliers": policy}, group)
     return child
 
 
 def broadcast_genes(genome: Genome, space: SearchSpace, rng: np.random.RandomState) -> Genome:
     """One searched gene unit, from one donor config, applied to every group."""
-    units = [u for u, f in UNIT_FAMILY.items() if f in space.config.families]
+    units = [u for u, f in space.unit_family.items() if f in space.config.families]
     if not units:
         return genome
-    names = GENE_UNITS[units[rng.randint(len(units))]]
+    names = space.gene_units[units[rng.randint(len(units))]]
     source = space.groups[rng.randint(len(space.groups))]
     donor = genome[source.name] if rng.random_sample() < 0.5 else space.random_config(source, rng)
     return {g.name: space.replace_genes(genome[g.name], donor, names, g) for g in space.groups}

@@ -38,17 +38,12 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 
 from qopt.bits import layer_cost
 from qopt.errors import QoptError
-from qopt.genes import FAMILIES, Gene, family_genes, unit_families, units
+from qopt.genes import FAMILIES, Gene, family_genes, schema, unit_families
+from qopt.genes import units as gene_units
 from qopt.model import QuantUnit
-from qopt.strategy import EDGE_ROLES, FORMAT_BITS, FP16, GENES, GRANULARITIES, LayerConfig, Strategy
+from qopt.strategy import EDGE_ROLES, FORMAT_BITS, FP16, GRANULARITIES, LayerConfig, Strategy
 
 RESOLUTIONS = ("module", "block", "role")
-#: The genes of each family (what a family-level deviation or replacement redraws).
-FAMILY_GENES = family_genes(GENES)
-#: Genes that change together, the smallest unit a mutation or broadcast edits
-#: (bit-widths are moved by the bit operators, never redrawn).
-GENE_UNITS = {unit: names for unit, names in units(GENES).items() if unit != "bits"}
-UNIT_FAMILY = {unit: family for unit, family in unit_families(GENES).items() if unit in GENE_UNITS}
 UNQUANTIZED_BITS = 16
 
 Genome = dict[str, LayerConfig]
@@ -104,11 +99,26 @@ class SearchSpace:
 
     def __init__(self, units: Sequence[QuantUnit], config: SearchConfig = SearchConfig()) -> None:
         self.config = config
+        # The gene table is the base config's class's: a LayerConfig subclass with more genes searches them too.
+        self.config_class = type(config.base)
+        self.genes = schema(self.config_class)
+        #: The genes of each family (what a family-level deviation or replacement redraws).
+        self.family_genes = family_genes(self.genes)
+        #: Genes that change together, the smallest unit a mutation or broadcast edits
+        #: (bit-widths are moved by the bit operators, never redrawn).
+        self.gene_units = {unit: names for unit, names in gene_units(self.genes).items() if unit != "bits"}
+        #: Mutation unit -> its family.
+        self.unit_family = {u: f for u, f in unit_families(self.genes).items() if u in self.gene_units}
+        self.unquantized = self.config_class()
         self.units = [u for u in units if u.role not in EDGE_ROLES]
         self.groups = _make_groups(self.units, config)
         self._n_weights = sum(g.n_weights for g in self.groups)
         # Each group's parameter table depends only on the space: built once, read by every walk.
         self._tables = {g.name: self._group_table(g) for g in self.groups}
+
+    def gene(self, name: str) -> Gene:
+        """The gene called `name` in this space's gene table."""
+        return next(g for g in self.genes if g.name == name)
 
     # ---- the conditional structure -------------------------------------
     def distributions(self) -> dict[str, BaseDistribution]:
@@ -128,7 +138,7 @@ class SearchSpace:
         """The Optuna parameters of one group's searched genes (`{group}.{param}` -> distribution)."""
         limits = self._limits(group)
         table: dict[str, BaseDistribution] = {}
-        for gene in GENES:
+        for gene in self.genes:
             if gene.family not in self.config.families:
                 continue
             if gene.param_key:  # choices depend on an earlier gene: one parameter per value of it
@@ -153,7 +163,7 @@ class SearchSpace:
         table = self._tables[group.name]
         base = self.config.base.genes()
         genes: dict[str, Any] = {}
-        for gene in GENES:
+        for gene in self.genes:
             if not gene.exists(genes):
                 continue
             param = f"{group.name}.{gene.param(genes)}"
@@ -163,7 +173,7 @@ class SearchSpace:
             else:
                 genes[gene.name] = base[gene.name] if base[gene.name] is not None else gene.default
             if gene.name == "bits" and genes["bits"] == UNQUANTIZED_BITS:
-                return FP16
+                return self.unquantized
         return self.repair(genes, group)
 
     def repair(self, genes: Mapping[str, Any], group: GeneGroup) -> LayerConfig:
@@ -179,13 +189,13 @@ class SearchSpace:
         given = {k: v for k, v in genes.items() if v is not None}
         limits = self._limits(group)
         values: dict[str, Any] = {}
-        for gene in GENES:
+        for gene in self.genes:
             if not gene.exists(values):
                 continue
             values[gene.name] = _nearest_allowed(gene, given.get(gene.name, gene.default), values, limits)
             if gene.name == "bits" and values["bits"] == UNQUANTIZED_BITS:
-                return FP16
-        return LayerConfig(**values)
+                return self.unquantized
+        return self.config_class(**values)
 
     # ---- genomes <-> trials, params, strategies -----------------------
     def sample(self, trial) -> Genome:
@@ -290,7 +300,7 @@ class SearchSpace:
 
     def replace_family(self, config: LayerConfig, donor: LayerConfig, family: str, group: GeneGroup) -> LayerConfig:
         """`config` with one gene family taken from `donor`, repaired."""
-        return self.replace_genes(config, donor, FAMILY_GENES[family], group)
+        return self.replace_genes(config, donor, self.family_genes[family], group)
 
     def replace_genes(
         self, config: LayerConfig, donor: LayerConfig, names: Sequence[str], group: GeneGroup

@@ -192,7 +192,7 @@ class LayerConfig:
 
     def __post_init__(self) -> None:
         genes: dict[str, Any] = {}
-        for g in GENES:
+        for g in schema(type(self)):
             value = getattr(self, g.name)
             if not g.exists(genes):
                 if value is not None:
@@ -243,7 +243,7 @@ class LayerConfig:
 
     def genes(self) -> dict[str, Any]:
         """Gene name -> value, absent conditional genes as None (a flat, shallow `asdict`)."""
-        return {g.name: getattr(self, g.name) for g in GENES}
+        return {g.name: getattr(self, g.name) for g in schema(type(self))}
 
     def evolve(self, **changes: Any) -> LayerConfig:
         """This config with some genes changed, conditional genes kept consistent.
@@ -251,7 +251,7 @@ class LayerConfig:
         Genes that stop existing are dropped; genes that come into existence
         take their default unless given. Used by overrides and by mutations.
         """
-        return _build_config(self.genes(), changes, where="")
+        return _build_config(type(self), self.genes(), changes, where="")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.genes().items() if v is not None}
@@ -265,14 +265,14 @@ class LayerConfig:
         if not isinstance(data, Mapping):
             raise QoptError(f"{where or 'layer config'}: expected a mapping of genes, got {type(data).__name__}")
         start = (base if base is not None else cls()).genes()
-        return _build_config(start, dict(data), where)
+        return _build_config(cls, start, dict(data), where)
 
     def describe(self) -> str:
         """A short human label, e.g. ``int4 g128 asym mse``."""
         genes = self.genes()
         parts = (
             g.label(genes[g.name], genes)
-            for g in GENES
+            for g in schema(type(self))
             if g.label is not None and genes[g.name] is not None and (self.quantizes_weights or not g.weights_only)
         )
         return " ".join(p for p in parts if p)
@@ -466,20 +466,36 @@ def drop_inactive_genes(genes: Mapping[str, Any]) -> dict[str, Any]:
 _BY_NAME = {g.name: g for g in GENES}
 
 
-def _build_config(start: dict[str, Any], changes: Mapping[str, Any], where: str) -> LayerConfig:
+def _build_config(
+    config_class: type[LayerConfig], start: dict[str, Any], changes: Mapping[str, Any], where: str
+) -> LayerConfig:
+    """`start` with `changes` applied, made consistent gene by gene: a gene that was
+    not changed follows the ones that were (dropped if its condition no longer
+    holds; the only allowed value if its old one is no longer allowed, e.g. a
+    float format's symmetric grid). Changed genes are validated as given."""
     genes = dict(start)
     unknown = set(changes) - set(genes)
     if unknown:
         prefix = f"{where}." if where else ""
         raise QoptError(f"{prefix}{sorted(unknown)[0]}: unknown gene (genes: {', '.join(genes)})")
     genes.update(changes)
-    if "format" in changes and changes["format"] != "int" and "symmetric" not in changes:
-        genes["symmetric"] = True
-    for g in GENES:
-        if g.conditional and not g.exists(genes) and g.name not in changes:
-            genes[g.name] = None  # inherited from a config where it existed
+    decided: dict[str, Any] = {}
+    for g in schema(config_class):
+        value = genes[g.name]
+        if g.name not in changes:
+            if g.conditional and not g.exists(decided):
+                value = None  # inherited from a config where it existed
+            elif g.categorical and value is not None:
+                try:
+                    choices = g.choices(decided)
+                except (KeyError, TypeError):  # an earlier gene is invalid: its own check reports it
+                    choices = g.values
+                if value not in choices and len(choices) == 1:
+                    value = choices[0]
+        genes[g.name] = value
+        decided[g.name] = g.default if value is None and g.exists(decided) else value
     try:
-        return LayerConfig(**genes)
+        return config_class(**genes)
     except QoptError as exc:
         raise QoptError(f"{where}.{exc}" if where else str(exc)) from None
     except TypeError as exc:  # e.g. a list where a number belongs

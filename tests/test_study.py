@@ -191,3 +191,19 @@ def test_non_dominated_equals_brute_force_with_ties(objectives):
     for seed in range(10):
         points = np.round(np.random.default_rng(seed).random((120, objectives)) * 4)  # many ties
         assert (qstudy.non_dominated(points) == brute(points)).all()
+
+
+def test_telling_a_trial_an_earlier_try_already_told_is_not_an_error(capsys):
+    """A database restart can drop the connection after `tell` committed: the retry finds the
+    trial finished. Told COMPLETE by us: nothing to do; failed as stale by another worker: say so."""
+    from qopt.study.workers import Retrying, _tell
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    trial = study.ask()
+    study.tell(trial, [1.0, 2.0])
+    _tell(study, trial, TrialState.COMPLETE, [1.0, 2.0], Retrying())
+    assert study.trials[0].state == TrialState.COMPLETE and capsys.readouterr().err == ""
+    stale = study.ask()
+    study.tell(stale, state=TrialState.FAIL)
+    _tell(study, stale, TrialState.COMPLETE, [1.0, 2.0], Retrying())
+    assert "failed as stale" in capsys.readouterr().err

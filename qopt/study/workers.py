@@ -339,9 +339,14 @@ def _tell(study, trial, state: TrialState, values, retry: Retrying) -> None:
               state=state)  # fmt: skip
     except optuna.exceptions.UpdateFinishedTrialError:
         _stale_notice(trial)
-    except RuntimeError as exc:  # Optuna refuses to tell a trial twice: an earlier try got through
-        if "finished" not in str(exc):
+    except (RuntimeError, ValueError) as exc:
+        # Optuna refuses to tell a finished trial ("Cannot tell a COMPLETE trial."): an earlier
+        # try got through before the connection dropped, or another worker failed it as stale.
+        message = str(exc)
+        if "finished" not in message and "Cannot tell a" not in message:
             raise
+        if f"Cannot tell a {TrialState.FAIL.name}" in message and state != TrialState.FAIL:
+            _stale_notice(trial)
 
 
 def _stale_notice(trial: optuna.Trial) -> None:

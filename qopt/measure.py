@@ -1,0 +1,153 @@
+"""The jobs behind `qopt eval` and `qopt export`, from files and names to results.
+
+Each job loads what it is pointed at (a model by hub name, folder or .gguf
+file; text; a strategy file, a study trial or an exported checkpoint), runs the
+library on it and returns plain results; the CLI only parses options and
+prints. `on_note` receives one-line notes for the user (e.g. that a GGUF
+source was already quantized).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qopt.data import PARTS, load_text
+from qopt.errors import QoptError
+from qopt.evaluate import EvalSettings, Evaluator, Metrics
+from qopt.model import LoadedModel, load_model, parse_dtype
+from qopt.strategy import Strategy
+
+Note = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One strategy measured on one part of a text: metrics, and what was measured."""
+
+    metrics: Metrics
+    strategy: Strategy
+    label: str  # the strategy file or checkpoint it came from
+    model: str
+    n_windows: int
+    device: str
+
+
+def measure(
+    *,
+    part: str,
+    model: str | None = None,
+    data: str | None = None,
+    strategy: Path | None = None,
+    checkpoint: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    on_note: Note | None = None,
+) -> Measurement:
+    """Measure a strategy file, or an exported checkpoint's packed weights, on `part`
+    ("search" or "eval") of `data` against the unquantized `model`.
+
+    A checkpoint supplies its model, data and evaluation settings unless given;
+    `overrides` replace `EvalSettings` fields (None values are ignored).
+    """
+    from qopt.export import load_checkpoint, read_manifest, use_checkpoint
+
+    if part not in PARTS:
+        raise QoptError(f"--part must be one of {', '.join(PARTS)}, got {part!r}")
+    if (strategy is None) == (checkpoint is None):
+        raise QoptError("give exactly one of --strategy FILE or --checkpoint DIR")
+    settings = EvalSettings()
+    if checkpoint is not None:
+        manifest = read_manifest(checkpoint)
+        model = model or manifest["model"]
+        data = data or manifest.get("data")
+        settings = EvalSettings(**manifest.get("eval", {}))
+    if model is None:
+        raise QoptError("give --model")
+    if data is None:
+        raise QoptError("give --data (the checkpoint does not record its data)")
+    settings = dataclasses.replace(settings, **{k: v for k, v in (overrides or {}).items() if v is not None})
+    evaluator = evaluator_for(model, data, settings, device, dtype, on_note, progress=True)
+    lm = evaluator.lm
+    if checkpoint is not None:
+        loaded = load_checkpoint(checkpoint, lm.device)
+        use_checkpoint(evaluator.quantizer, loaded)
+        parsed, label = loaded.strategy, f"checkpoint {checkpoint}"
+    else:
+        assert strategy is not None
+        parsed, label = Strategy.load(strategy), str(strategy)
+    metrics = evaluator.evaluate(parsed, part)
+    n_windows = len(evaluator.split.part(part))
+    return Measurement(metrics, parsed, label, model, n_windows, f"{lm.device} ({dtype})")
+
+
+@dataclass(frozen=True)
+class Export:
+    """What `export` wrote: the checkpoint's manifest and llama.cpp's view of its tensors."""
+
+    strategy: Strategy
+    manifest: dict[str, Any]
+    n_tensors: int
+    n_lost: int  # tensors with genes llama.cpp cannot express
+
+
+def export(
+    output: Path,
+    strategy: Strategy,
+    model: str,
+    *,
+    data: str | None = None,
+    settings: EvalSettings | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    force: bool = False,
+    on_note: Note | None = None,
+) -> Export:
+    """Write `strategy` applied to `model` as a packed checkpoint in `output` (see
+    `qopt.export`), with a llama-quantize override list beside it. `data` is the
+    calibration text (needed by GPTQ, AWQ and smoothing); the model's own folder
+    is never written into."""
+    from qopt.export import export_checkpoint
+    from qopt.io import check_output, fresh_folder
+    from qopt.llamacpp import override_file, tensor_types
+    from qopt.quantizer import Quantizer
+
+    settings = settings or EvalSettings()
+    source_path = Path(model).expanduser()
+    protected = [source_path] if source_path.is_dir() else []
+    if source_path.is_file():  # a .gguf file: its folder holds the source
+        protected = [source_path.parent]
+    check_output(output, force=force, protected=protected)  # refuse a bad output before loading anything
+    lm = _load(model, device, dtype, on_note)
+    quantizer = Evaluator.from_text(lm, load_text(data), settings).quantizer if data is not None else Quantizer(lm)
+    source = {"data": data, "eval": dataclasses.asdict(settings)} if data is not None else {}
+    with fresh_folder(output, force=force, protected=protected) as folder:
+        manifest = export_checkpoint(quantizer, strategy, folder, seed=settings.seed, source=source)
+        types = tensor_types(lm.units, quantizer.plan(strategy))
+        (folder / "llama-tensor-types.txt").write_text(override_file(types, strategy.name or str(output)))
+    return Export(strategy, manifest, len(types), sum(bool(t.lost) for t in types))
+
+
+def evaluator_for(
+    model: str,
+    data: str,
+    settings: EvalSettings,
+    device: str | None = None,
+    dtype: str = "float32",
+    on_note: Note | None = None,
+    progress: bool = True,
+) -> Evaluator:
+    """An evaluator of `model` on the text `data` (a file, a JSON list, or hf:NAME)."""
+    text = load_text(data)  # a bad data source fails before the model loads
+    return Evaluator.from_text(_load(model, device, dtype, on_note), text, settings, progress=progress)
+
+
+def _load(model: str, device: str | None, dtype: str, on_note: Note | None) -> LoadedModel:
+    lm = load_model(model, device=device, dtype=parse_dtype(dtype))
+    if lm.source_note and on_note is not None:
+        on_note(lm.source_note)
+    return lm
