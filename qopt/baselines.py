@@ -83,6 +83,27 @@ class Scheme:
         return Strategy(default=strategy.default, name=name or label(strategy.default))
 
 
+@dataclass(frozen=True)
+class Allocation:
+    """The sensitivity-based allocator's strategy at one budget (see `qopt.allocate`),
+    measured like a scheme."""
+
+    budget_bpw: float
+    allocated: Strategy
+    method: str = "allocate"
+
+    @property
+    def bits(self) -> float:
+        return self.budget_bpw
+
+    @property
+    def granularity_label(self) -> str:
+        return "mixed"
+
+    def strategy(self) -> Strategy:
+        return self.allocated
+
+
 def fitting_group_size(units: Sequence[QuantUnit], candidates: Sequence[int] = (128, 64, 32, 16)) -> int:
     """The largest candidate group size no block linear layer's input dimension is smaller than."""
     narrowest = min(u.in_features for u in units if not u.is_embedding and u.role != "lm_head")
@@ -103,7 +124,7 @@ def schemes(
 class BaselineResult:
     """One scheme measured on both parts of the data; `seconds` is the wall clock of both."""
 
-    scheme: Scheme
+    scheme: Scheme | Allocation
     strategy: Strategy
     search: Metrics
     held_out: Metrics
@@ -126,7 +147,7 @@ class BaselineResult:
         }
 
 
-def run(evaluator: Evaluator, chosen: Iterable[Scheme]) -> Iterator[BaselineResult]:
+def run(evaluator: Evaluator, chosen: Iterable[Scheme | Allocation]) -> Iterator[BaselineResult]:
     """Measure each scheme on the search part and on the held-out evaluation part.
 
     The unquantized references and the calibration statistics (from the

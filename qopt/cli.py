@@ -283,8 +283,16 @@ def baseline_run(
         typer.Option("--data", "-d", help="Text file, JSON list of strings, or hf:NAME (default: the study's)."),
     ] = None,
     methods: Annotated[
-        str, typer.Option(help="Comma-separated: rtn, gptq, awq, hqq, smoothquant, quarot.")
+        str,
+        typer.Option(
+            help="Comma-separated: rtn, gptq, awq, hqq, smoothquant, quarot (uniform schemes), and allocate "
+            "(per-layer sensitivity-based allocation at each --budget)."
+        ),
     ] = "rtn,gptq,awq,hqq,smoothquant,quarot",
+    budget: Annotated[
+        str | None,
+        typer.Option(help="With --methods allocate: comma-separated budgets in true bits per weight, e.g. 3.25,4.25."),
+    ] = None,
     bits: Annotated[str, typer.Option(help="Comma-separated weight bit-widths (2-8).")] = "2,3,4,8",
     group: Annotated[
         str,
@@ -317,6 +325,11 @@ def baseline_run(
     from qopt import baselines
 
     method_list, bit_list = _csv(methods, "--methods", str), _csv(bits, "--bits", int)
+    budgets = _csv(budget, "--budget", float) if budget is not None else []
+    allocating = "allocate" in method_list
+    method_list = [m for m in method_list if m != "allocate"]
+    if allocating != bool(budgets):
+        raise QoptError("--methods allocate needs --budget B[,B...], and --budget needs --methods allocate")
     baselines.schemes(method_list, bit_list, group_size=None)  # a bad method or bit-width fails before loading
     groups = None if group == "auto" else [g or None for g in _csv(group, "--group", int)]
     overrides = {"seq_len": seq_len, "batch_size": batch_size, "search_windows": windows, "eval_windows": windows}
@@ -343,7 +356,19 @@ def baseline_run(
         groups = [baselines.fitting_group_size(evaluator.lm.units)]
         if not as_json:
             typer.echo(f"group size {groups[0]} (the largest of 128, 64, 32, 16 that fits every layer)", err=True)
-    chosen = [s for g in groups for s in baselines.schemes(method_list, bit_list, group_size=g, symmetric=sym)]
+    chosen: list = [s for g in groups for s in baselines.schemes(method_list, bit_list, group_size=g, symmetric=sym)]
+    if allocating:
+        from qopt.allocate import allocate, measure_costs, menu, proxy_fit
+
+        costs = measure_costs(evaluator, menu(groups[0]), progress=not as_json)
+        rho, pairs = proxy_fit(evaluator, costs, progress=not as_json)
+        if not as_json:
+            typer.echo(
+                f"allocator: {len(costs.menu)} configs per layer; its additive proxy ranks {len(pairs)} random "
+                f"mixtures by search KL with Spearman rho {rho:.3f}",
+                err=True,
+            )
+        chosen += [baselines.Allocation(b, allocate(costs, b)) for b in budgets]
     if not as_json:
         parts = evaluator.split
         typer.echo(

@@ -1,0 +1,161 @@
+"""Sensitivity-based bit allocation: the strongest non-search competitor.
+
+In the spirit of llama.cpp's target-bpw proposal, HIGGS's linearity theorem
+and ModelOpt's auto-quantize: the model's error is taken to be additive over
+layers, each layer's share measured once per candidate config, and the
+cheapest-error choice under a size budget is solved exactly.
+
+1. `measure_costs`: for every block linear layer and every config of a menu,
+   the layer's true bits (scales, zero points counted, `qopt.bits`) and a
+   quality proxy: the KL (nats/token, search part) of the model with *only
+   that layer* quantized that way.
+2. `solve`: a multiple-choice knapsack by dynamic programming over the bit
+   budget (costs rounded *up* to a grid of at most `resolution` steps, so the
+   solution never exceeds the budget; exact when costs are whole steps).
+3. `allocate`: the Strategy for one budget in bits per weight.
+
+`proxy_fit` reports how well the additive proxy predicts the real KL (rank
+correlation over random mixtures of the menu), the check that makes the
+allocator's premise a measured one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from qopt.bits import layer_cost
+from qopt.errors import QoptError
+from qopt.evaluate import Evaluator
+from qopt.strategy import EDGE_ROLES, FP16, LayerConfig, Strategy
+
+#: Bit-widths the allocator chooses among (16 = leave the layer unquantized).
+ALLOCATOR_BITS = (2, 3, 4, 5, 6, 8)
+ALLOCATOR_ROUNDINGS = ("nearest", "gptq")
+
+
+def menu(
+    group_size: int | None, bits: Sequence[int] = ALLOCATOR_BITS, roundings: Sequence[str] = ALLOCATOR_ROUNDINGS
+) -> list[LayerConfig]:
+    """Candidate configs: each bit-width with per-channel symmetric scales and (given a
+    `group_size`) asymmetric groups, with each rounding method; plus 16-bit."""
+    scalings = [dict(granularity="channel", group_size=None, symmetric=True)]
+    if group_size is not None:
+        scalings.append(dict(granularity="group", group_size=group_size, symmetric=False))
+    configs = [
+        FP16.evolve(bits=b, rounding=r, **scaling) for b in bits for scaling in scalings for r in roundings if b < 16
+    ]
+    return [*configs, FP16]
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """Per layer and menu config: true bits and the proxy error.
+
+    `bits` and `error` are [n_layers, n_configs]: bits of the layer's matrix,
+    and KL (nats/token) of the model with only that layer quantized.
+    """
+
+    layers: tuple[str, ...]
+    menu: tuple[LayerConfig, ...]
+    n_weights: int  # of all block linear layers
+    bits: np.ndarray
+    error: np.ndarray
+
+    def predicted(self, choice: Sequence[int]) -> float:
+        """The additive proxy's KL for one choice (a menu index per layer)."""
+        return float(self.error[np.arange(len(self.layers)), list(choice)].sum())
+
+    def bpw(self, choice: Sequence[int]) -> float:
+        return float(self.bits[np.arange(len(self.layers)), list(choice)].sum()) / self.n_weights
+
+    def strategy(self, choice: Sequence[int], name: str = "") -> Strategy:
+        layers = {layer: self.menu[c] for layer, c in zip(self.layers, choice, strict=True)}
+        return Strategy(layers=layers, name=name)
+
+
+def measure_costs(evaluator: Evaluator, configs: Sequence[LayerConfig], progress: bool = True) -> LayerCosts:
+    """Measure every (block linear layer, config) pair on the evaluator's search part.
+
+    n_layers x (n_configs - 1) evaluations (16-bit costs nothing to measure); the
+    quantized weights are cached per (layer, config), so a later evaluation of a
+    mixture reuses them.
+    """
+    units = [u for u in evaluator.lm.units if u.role not in EDGE_ROLES]
+    evaluator.quantizer.prepare([{u.name: c for u in units} for c in configs])  # calibration once, if needed
+    bits = np.array([[layer_cost(u.out_features, u.in_features, c).total for c in configs] for u in units])
+    error = np.zeros(bits.shape)
+    jobs = [(i, j) for i in range(len(units)) for j, c in enumerate(configs) if c.quantizes_weights]
+    for i, j in tqdm(jobs, desc="layer sensitivity", disable=not progress):
+        strategy = Strategy(layers={units[i].name: configs[j]})
+        error[i, j] = max(evaluator.evaluate(strategy, "search").kl, 0.0)
+    n_weights = sum(u.out_features * u.in_features for u in units)
+    return LayerCosts(tuple(u.name for u in units), tuple(configs), n_weights, bits, error)
+
+
+def solve(bits: np.ndarray, error: np.ndarray, budget_bits: int, resolution: int = 20_000) -> list[int]:
+    """The choice (one column per row) of least total `error` whose total `bits` is at most
+    `budget_bits`: a multiple-choice knapsack solved by dynamic programming.
+
+    Costs are counted in steps of ceil(budget_bits / resolution) bits, each rounded
+    up, so the answer always fits; it is exact when every cost is a whole number of
+    steps (e.g. budget_bits <= resolution). Raises `QoptError` if nothing fits.
+    """
+    n_rows, _ = bits.shape
+    step = max(1, -(-budget_bits // resolution))
+    capacity = budget_bits // step
+    weight = -(-bits.astype(np.int64) // step)
+    best = np.full(capacity + 1, np.inf)  # least error using exactly this many steps
+    best[0] = 0.0
+    picked = np.full((n_rows, capacity + 1), -1, dtype=np.int32)
+    for row in range(n_rows):
+        new = np.full(capacity + 1, np.inf)
+        for col in np.argsort(error[row], kind="stable"):
+            w = int(weight[row, col])
+            if w > capacity:
+                continue
+            candidate = best[: capacity + 1 - w] + error[row, col]
+            better = candidate < new[w:]
+            new[w:][better] = candidate[better]
+            picked[row, w:][better] = col
+        best = new
+    if not np.isfinite(best).any():
+        raise QoptError(f"no choice fits {budget_bits} bits: the budget is below the cheapest config of every layer")
+    used = int(np.argmin(best))
+    choice = [0] * n_rows
+    for row in reversed(range(n_rows)):
+        col = int(picked[row, used])
+        choice[row] = col
+        used -= int(weight[row, col])
+    return choice
+
+
+def allocate(costs: LayerCosts, budget_bpw: float) -> Strategy:
+    """The menu choice per layer with the least predicted KL at <= `budget_bpw` true bits per weight."""
+    choice = solve(costs.bits, costs.error, int(budget_bpw * costs.n_weights))
+    return costs.strategy(choice, name=f"Allocator {budget_bpw:g} bpw")
+
+
+def proxy_fit(
+    evaluator: Evaluator, costs: LayerCosts, n_samples: int = 20, seed: int = 0, progress: bool = True
+) -> tuple[float, list[tuple[float, float]]]:
+    """Spearman rank correlation between the additive proxy and the measured KL (search
+    part) over `n_samples` random mixtures of quantized menu configs; and the
+    (predicted, measured) pairs."""
+    rng = np.random.default_rng(seed)
+    quantized = [j for j, c in enumerate(costs.menu) if c.quantizes_weights]
+    pairs = []
+    for _ in tqdm(range(n_samples), desc="checking the proxy", disable=not progress):
+        choice = [int(rng.choice(quantized)) for _ in costs.layers]
+        measured = evaluator.evaluate(costs.strategy(choice), "search").kl
+        pairs.append((costs.predicted(choice), measured))
+    predicted, measured = (np.array(v) for v in zip(*pairs, strict=True))
+    return _spearman(predicted, measured), pairs
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ranks_a, ranks_b = a.argsort().argsort(), b.argsort().argsort()
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])

@@ -1,0 +1,91 @@
+"""The sensitivity-based allocator: an exact budgeted choice, measured costs, the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from qopt.allocate import allocate, measure_costs, menu, proxy_fit, solve
+from qopt.errors import QoptError
+from qopt.evaluate import EvalSettings, Evaluator
+from tests.conftest import random_split, tiny_model
+from tests.test_cli import run
+
+
+def _brute_force(bits: np.ndarray, error: np.ndarray, budget: int) -> float:
+    best = np.inf
+    for choice in itertools.product(*(range(bits.shape[1]) for _ in range(bits.shape[0]))):
+        rows = np.arange(bits.shape[0])
+        if bits[rows, list(choice)].sum() <= budget:
+            best = min(best, error[rows, list(choice)].sum())
+    return best
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_solve_equals_brute_force_and_fits_the_budget(seed):
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(1, 40, size=(5, 4))
+    error = rng.random((5, 4))
+    budget = int(rng.integers(bits.min(axis=1).sum(), bits.max(axis=1).sum() + 1))
+    choice = solve(bits, error, budget)
+    rows = np.arange(5)
+    assert bits[rows, choice].sum() <= budget
+    assert error[rows, choice].sum() == pytest.approx(_brute_force(bits, error, budget))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_solve_on_a_coarse_grid_never_exceeds_the_budget(seed):
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(10_000, 400_000, size=(30, 8))
+    error = rng.random((30, 8))
+    budget = int(bits.mean(axis=1).sum())
+    choice = solve(bits, error, budget, resolution=500)  # a step of thousands of bits
+    assert bits[np.arange(30), choice].sum() <= budget
+
+
+def test_solve_refuses_a_budget_nothing_fits():
+    with pytest.raises(QoptError, match="no choice fits"):
+        solve(np.array([[10, 20], [10, 20]]), np.zeros((2, 2)), 15)
+
+
+@pytest.fixture(scope="module")
+def costs_and_evaluator():
+    evaluator = Evaluator(tiny_model("llama"), random_split(n_search=4, seq_len=32), EvalSettings(batch_size=4))
+    return measure_costs(evaluator, menu(32), progress=False), evaluator
+
+
+def test_measured_costs_and_allocations(costs_and_evaluator):
+    costs, evaluator = costs_and_evaluator
+    assert costs.error.shape == costs.bits.shape == (14, len(costs.menu))
+    fp16 = [j for j, c in enumerate(costs.menu) if not c.quantizes_weights]
+    assert (costs.error[:, fp16] == 0).all() and (costs.bits[:, fp16] >= costs.bits).all()  # free, and dearest
+    two_bit = [j for j, c in enumerate(costs.menu) if c.bits == 2 and c.rounding == "nearest"]
+    eight_bit = [j for j, c in enumerate(costs.menu) if c.bits == 8 and c.rounding == "nearest"]
+    assert costs.error[:, two_bit].mean() > costs.error[:, eight_bit].mean()  # the proxy sees precision
+    previous = np.inf
+    for budget in (3.0, 4.0, 6.0):
+        strategy = allocate(costs, budget)
+        measured = evaluator.evaluate(strategy, "search")
+        assert measured.bpw <= budget
+        predicted = costs.predicted([costs.menu.index(strategy.layers[name]) for name in costs.layers])
+        assert predicted <= previous  # more bits never predicts worse
+        previous = predicted
+    rho, pairs = proxy_fit(evaluator, costs, n_samples=8, progress=False)
+    assert len(pairs) == 8 and -1.0 <= rho <= 1.0
+
+
+def test_baseline_run_allocates_at_each_budget(monkeypatch, capsys, tiny_llama_dir, small_text):
+    code, out, err = run(
+        monkeypatch, capsys, "baseline", "run", "-m", str(tiny_llama_dir), "-d", str(small_text),
+        "--methods", "gptq,allocate", "--budget", "3.5,5", "--bits", "3", "--group", "32", "--windows", "2", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = json.loads(out)
+    allocated = [r for r in rows if r["method"] == "allocate"]
+    assert [r["bits"] for r in allocated] == [3.5, 5.0]
+    assert all(r["bpw"] <= r["bits"] for r in allocated)
+    code, _, err = run(monkeypatch, capsys, "baseline", "run", "-m", "x", "-d", "y", "--methods", "allocate")
+    assert code == 2 and "--methods allocate needs --budget" in err
