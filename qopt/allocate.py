@@ -21,7 +21,8 @@ allocator's premise a measured one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,9 +90,10 @@ def measure_costs(evaluator: Evaluator, configs: Sequence[LayerConfig], progress
     bits = np.array([[layer_cost(u.out_features, u.in_features, c).total for c in configs] for u in units])
     error = np.zeros(bits.shape)
     jobs = [(i, j) for i in range(len(units)) for j, c in enumerate(configs) if c.quantizes_weights]
-    for i, j in tqdm(jobs, desc="layer sensitivity", disable=not progress):
-        strategy = Strategy(layers={units[i].name: configs[j]})
-        error[i, j] = max(evaluator.evaluate(strategy, "search").kl, 0.0)
+    with _quiet(evaluator):
+        for i, j in tqdm(jobs, desc="layer sensitivity", disable=not progress):
+            strategy = Strategy(layers={units[i].name: configs[j]})
+            error[i, j] = max(evaluator.evaluate(strategy, "search").kl, 0.0)
     n_weights = sum(u.out_features * u.in_features for u in units)
     return LayerCosts(tuple(u.name for u in units), tuple(configs), n_weights, bits, error)
 
@@ -148,12 +150,23 @@ def proxy_fit(
     rng = np.random.default_rng(seed)
     quantized = [j for j, c in enumerate(costs.menu) if c.quantizes_weights]
     pairs = []
-    for _ in tqdm(range(n_samples), desc="checking the proxy", disable=not progress):
-        choice = [int(rng.choice(quantized)) for _ in costs.layers]
-        measured = evaluator.evaluate(costs.strategy(choice), "search").kl
-        pairs.append((costs.predicted(choice), measured))
+    with _quiet(evaluator):
+        for _ in tqdm(range(n_samples), desc="checking the proxy", disable=not progress):
+            choice = [int(rng.choice(quantized)) for _ in costs.layers]
+            measured = evaluator.evaluate(costs.strategy(choice), "search").kl
+            pairs.append((costs.predicted(choice), measured))
     predicted, measured = (np.array(v) for v in zip(*pairs, strict=True))
     return _spearman(predicted, measured), pairs
+
+
+@contextmanager
+def _quiet(evaluator: Evaluator) -> Iterator[None]:
+    """No per-evaluation progress bars inside the allocator's own."""
+    shown, evaluator.progress = evaluator.progress, False
+    try:
+        yield
+    finally:
+        evaluator.progress = shown
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:

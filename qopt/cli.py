@@ -586,14 +586,14 @@ def dashboard(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
 ) -> None:
     """Serve optuna-dashboard on the study storage."""
-    from qopt.storage import open_storage
+    from qopt.storage import connect
 
     try:
         from optuna_dashboard import run_server
     except ImportError:
         raise QoptError("optuna-dashboard is not installed: pip install 'qopt[dashboard]'") from None
     typer.echo(f"optuna-dashboard on http://{host}:{port} (Ctrl-C to stop)")
-    run_server(open_storage(storage), host=host, port=port)
+    run_server(connect(storage), host=host, port=port)
 
 
 def main() -> None:

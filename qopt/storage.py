@@ -84,7 +84,7 @@ def redacted_url(url: str) -> str:
         return url.split("@")[-1]
 
 
-def open_storage(
+def connect(
     url: str | None = None, heartbeat: int | None = None, batched: bool = True, create: bool = False
 ) -> RDBStorage:
     """An Optuna RDB storage for `url`. A SQLite file (and its folder) is made only with

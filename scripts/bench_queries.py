@@ -29,7 +29,7 @@ import sqlalchemy
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qopt import study as qstudy  # noqa: E402
-from qopt.storage import open_storage  # noqa: E402
+from qopt.storage import connect  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 
@@ -49,7 +49,7 @@ def build(url: str, name: str, n_trials: int) -> int:
         model=str(ASSETS / "models" / "stories260K" / "hf"), data=str(ASSETS / "data" / "tinystories" / "x.txt"),
         budget_bpw=4.0, baselines=(),
     )  # fmt: skip
-    storage = open_storage(url, create=True)
+    storage = connect(url, create=True)
     space = SearchSpace(load_skeleton(config.model).units, config.search)
     study = optuna.create_study(
         study_name=name, storage=storage, directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(0)

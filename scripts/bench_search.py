@@ -41,7 +41,7 @@ import transformers
 from optuna.trial import TrialState
 
 from qopt import study as qstudy
-from qopt.storage import open_storage
+from qopt.storage import connect
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
@@ -87,7 +87,7 @@ def run_mode(config: qstudy.StudyConfig, fast: bool, folder: Path, seconds=None,
     mode = "fast" if fast else "plain"
     url = f"sqlite:///{folder / f'{mode}-{time.monotonic_ns()}.db'}"
     qstudy.create("bench", config, url)
-    storage = open_storage(url, batched=fast)
+    storage = connect(url, batched=fast)
     start = time.perf_counter()
     run = qstudy.SearchRun(config)  # model, data, reference log-probs on first use
     study = optuna.load_study(study_name="bench", storage=storage, sampler=run.sampler(0))

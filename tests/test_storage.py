@@ -7,7 +7,7 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from qopt.storage import TESTED_OPTUNA, BatchedParamStorage, check_optuna_version, count_trials, open_storage
+from qopt.storage import TESTED_OPTUNA, BatchedParamStorage, check_optuna_version, connect, count_trials
 
 N_PARAMS = 40
 
@@ -28,7 +28,7 @@ def _commits(storage) -> list[int]:
 def _run(url: str, batched: bool) -> float:
     """Five trials of `_objective`; returns the database commits per trial after the first
     (which also looks up each parameter's earlier distribution)."""
-    storage = open_storage(url, batched=batched, create=True)
+    storage = connect(url, batched=batched, create=True)
     assert isinstance(storage, BatchedParamStorage) == batched
     study = optuna.create_study(study_name=f"batched={batched}", storage=storage)
     study.sampler = optuna.samplers.RandomSampler(seed=0)
@@ -43,7 +43,7 @@ def test_params_stored_as_optuna_stores_them_in_one_transaction(tmp_path):
     batched, plain = _run(url, batched=True), _run(url, batched=False)
     assert plain - batched >= N_PARAMS - 1  # one commit where Optuna makes one per parameter
     # Read back with Optuna's own storage: every parameter, its value and distribution, as Optuna wrote them.
-    reader = open_storage(url, batched=False)
+    reader = connect(url, batched=False)
     trials = {
         name: optuna.load_study(study_name=name, storage=reader).trials for name in ("batched=True", "batched=False")
     }
@@ -54,14 +54,14 @@ def test_params_stored_as_optuna_stores_them_in_one_transaction(tmp_path):
 
 
 def test_an_incompatible_distribution_is_still_refused(tmp_path):
-    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}", create=True))
+    study = optuna.create_study(storage=connect(f"sqlite:///{tmp_path / 'db.sqlite'}", create=True))
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
     with pytest.raises(ValueError, match="[Cc]annot set different distribution"):
         study.optimize(lambda t: float(t.suggest_categorical("x", ["a", "b"]) == "a"), n_trials=1)
 
 
 def test_count_trials_counts_in_the_database(tmp_path):
-    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}", create=True))
+    study = optuna.create_study(storage=connect(f"sqlite:///{tmp_path / 'db.sqlite'}", create=True))
 
     def objective(trial: optuna.Trial) -> float:
         x = trial.suggest_float("x", 0, 1)
@@ -81,7 +81,7 @@ def test_count_trials_counts_in_the_database(tmp_path):
 
 def test_a_running_trial_reads_its_waiting_params_without_writing_them(tmp_path):
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    storage = open_storage(url, create=True)
+    storage = connect(url, create=True)
     study = optuna.create_study(storage=storage)
     seen = {}
 
@@ -89,7 +89,7 @@ def test_a_running_trial_reads_its_waiting_params_without_writing_them(tmp_path)
         x = trial.suggest_float("x", 0, 1)
         seen["own read"] = storage.get_trial(trial._trial_id).params
         seen["own param"] = storage.get_trial_param(trial._trial_id, "x")
-        seen["other reader"] = open_storage(url, batched=False).get_trial(trial._trial_id).params
+        seen["other reader"] = connect(url, batched=False).get_trial(trial._trial_id).params
         return x
 
     study.optimize(objective, n_trials=1)

@@ -12,7 +12,7 @@ from qopt import study as qstudy
 from qopt.errors import QoptError
 from qopt.evaluate import EvalSettings
 from qopt.space import SearchConfig
-from qopt.storage import open_storage
+from qopt.storage import connect
 from qopt.strategy import FP16, Strategy
 
 BUDGET = 3.5
@@ -144,7 +144,7 @@ def test_front_and_best_rebuild_strategies_from_the_database(config, url, tiny_l
 
 def test_storage_errors_name_the_url_without_password():
     with pytest.raises(QoptError) as info:
-        open_storage("postgresql+psycopg://qopt:hunter2@127.0.0.1:1/none")
+        connect("postgresql+psycopg://qopt:hunter2@127.0.0.1:1/none")
     assert "hunter2" not in str(info.value) and "***" in str(info.value)
     assert optuna.__version__.startswith("5")
 

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from qopt.errors import QoptError
 from qopt.evaluate import Metrics
 from qopt.space import SearchSpace
-from qopt.storage import count_trials, open_storage, redacted_url, storage_url
+from qopt.storage import connect, count_trials, redacted_url, storage_url
 from qopt.strategy import Strategy
 from qopt.study.config import CONFIG_ATTR, StudyConfig, baseline_strategies, stored_config
 
@@ -34,7 +34,7 @@ def create(name: str, config: StudyConfig, url: str | None = None) -> optuna.Stu
     from qopt.data import load_text
     from qopt.model import load_skeleton
 
-    storage = open_storage(url, create=True)
+    storage = connect(url, create=True)
     wanted = config.to_dict()
     if stored_config(storage, name) is not None:
         study = _same_study(storage, name, wanted)
@@ -110,7 +110,7 @@ def add_baselines(
     stored with it. Returns each strategy's trial number, or None where the
     space cannot express it.
     """
-    storage = open_storage(url)
+    storage = connect(url)
     study, _ = load_from(storage, name, url)
     all_params = [_enqueue_baseline(study, run.space, strategy) for strategy, _ in measured]
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
@@ -130,7 +130,7 @@ def add_baselines(
 
 def load(name: str, url: str | None = None, heartbeat: int | None = None) -> tuple[optuna.Study, StudyConfig]:
     """Load an existing study and its config; a clear error if there is none."""
-    return load_from(open_storage(url, heartbeat), name, url)
+    return load_from(connect(url, heartbeat), name, url)
 
 
 def load_from(

@@ -44,7 +44,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from qopt.errors import QoptError, first_line
-from qopt.storage import count_trials, open_storage, record_heartbeat, write_params_now
+from qopt.storage import connect, count_trials, record_heartbeat, write_params_now
 
 T = TypeVar("T")
 
@@ -258,7 +258,7 @@ def _work(job: Job, stop: Stop) -> None:
     from qopt.study.objective import SearchRun
 
     retry = Retrying(stop, patience_s=job.patience_s)
-    storage = open_storage(job.url, job.heartbeat)
+    storage = connect(job.url, job.heartbeat)
     study, config = load_from(storage, job.name, job.url)
     run = SearchRun(config, retry=retry)
     run.evaluation = stop.evaluation
