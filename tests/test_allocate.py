@@ -89,3 +89,17 @@ def test_baseline_run_allocates_at_each_budget(monkeypatch, capsys, tiny_llama_d
     assert all(r["bpw"] <= r["bits"] for r in allocated)
     code, _, err = run(monkeypatch, capsys, "baseline", "run", "-m", "x", "-d", "y", "--methods", "allocate")
     assert code == 2 and "--methods allocate needs --budget" in err
+
+
+def test_allocations_seed_a_study(monkeypatch, capsys, tmp_path, tiny_llama_dir, small_text):
+    from tests.test_baselines import _study
+
+    storage = _study(monkeypatch, capsys, tmp_path, tiny_llama_dir, small_text, "bits, scaling, rounding")
+    args = ["baseline", "run", "--study", "s", "--storage", storage, "--methods", "allocate", "--budget", "4"]
+    code, out, err = run(monkeypatch, capsys, *args, "--group", "32", "--json")
+    assert code == 0, err
+    (row,) = json.loads(out)
+    assert isinstance(row["trial"], int) and row["bpw"] <= 4.0
+    code, out, _ = run(monkeypatch, capsys, "study", "front", "s", "--storage", storage, "--json")
+    seeded = {m["trial"]: m for m in json.loads(out)}[row["trial"]]
+    assert seeded["baseline"] == "Allocator 4 bpw" and seeded["bpw"] == pytest.approx(row["bpw"])
