@@ -111,6 +111,12 @@ def gene(family: str, *, default: Any = None, **metadata: Any) -> Any:
     return dataclasses.field(default=field_default, metadata={"gene": described})
 
 
+def only_with(name: str, value: Any) -> dict[str, Any]:
+    """`exists` and `condition` for a gene that exists only while gene `name` is `value`
+    (the condition's text is derived, so the two cannot disagree)."""
+    return {"exists": lambda genes: genes[name] == value, "condition": f"with {name}: {value}"}
+
+
 @cache
 def schema(config_class: type) -> tuple[Gene, ...]:
     """The genes of a `LayerConfig` class (or a subclass adding genes), in field order,

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import yaml
 
 from qopt.errors import QoptError
-from qopt.genes import Genes, gene, schema
+from qopt.genes import Genes, gene, only_with, schema
 from qopt.io import read_document
 from qopt.quant.grid import QuantGrid, WeightQuantization
 
@@ -109,8 +109,7 @@ class LayerConfig:
         bounds=(16, 256),
         integer=True,
         unit="granularity",
-        exists=lambda g: g["granularity"] == "group",
-        condition="with granularity: group",
+        **only_with("granularity", "group"),
     )
     symmetric: bool = gene(
         "scaling",
@@ -127,8 +126,7 @@ class LayerConfig:
         bounds=(90.0, 100.0),
         search=(99.0, 99.99, False),
         unit="scale",
-        exists=lambda g: g["scale"] == "percentile",
-        condition="with scale: percentile",
+        **only_with("scale", "percentile"),
     )
     outliers: str = gene(
         "outliers",
@@ -143,8 +141,7 @@ class LayerConfig:
         bounds=(0.0001, 0.1),
         search=(0.001, 0.05, True),
         unit="outliers",
-        exists=lambda g: g["outliers"] == "topk",
-        condition="with outliers: topk",
+        **only_with("outliers", "topk"),
     )
     smooth_alpha: float | None = gene(
         "outliers",
@@ -152,8 +149,7 @@ class LayerConfig:
         bounds=(0.0, 1.0),
         search=(0.2, 0.9, False),
         unit="outliers",
-        exists=lambda g: g["outliers"] == "smooth",
-        condition="with outliers: smooth",
+        **only_with("outliers", "smooth"),
     )
     act_format: str = gene(
         "format",

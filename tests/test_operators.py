@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from qopt.errors import QoptError
-from qopt.genes import gene, schema
+from qopt.genes import gene, only_with, schema
 from qopt.operators import (
     broadcast_genes,
     crossover,
@@ -137,8 +137,7 @@ class DitherConfig(LayerConfig):
         bounds=(0.0, 1.0),
         search=(0.1, 0.9, False),
         unit="rounding",
-        exists=lambda g: g["rounding"] == "stochastic",
-        condition="with rounding: stochastic",
+        **only_with("rounding", "stochastic"),
         label=lambda v, g: f"dither{v:.1f}",
     )
 
