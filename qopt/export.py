@@ -201,7 +201,7 @@ def _pack(stored: QuantizedMatrix, transform: InputTransform | None) -> dict[str
         parts["zeros"] = stored.zero.reshape(-1).half()
     if stored.kept is not None:
         index, values = stored.outliers()
-        parts["outlier_index"] = pack_bits(index, stored.index_bits)
+        parts["outlier_index"] = pack_bits(index, index_bits(stored.values.numel()))
         parts["outlier_values"] = values
     if transform is not None and transform.smooth is not None:
         parts["smooth"] = transform.smooth.half()

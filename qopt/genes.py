@@ -146,21 +146,6 @@ def family_genes(genes: tuple[Gene, ...]) -> dict[str, tuple[str, ...]]:
     return {family: tuple(g.name for g in genes if g.family == family) for family in FAMILIES}
 
 
-def canonical(genes: tuple[Gene, ...], values: Genes) -> dict[str, Any]:
-    """`values` with conditional genes made consistent: a gene whose condition
-    holds and is unset takes its default; one whose condition fails is dropped.
-    Genes not in `values` are left out (the caller supplies every gene)."""
-    result: dict[str, Any] = {}
-    for g in genes:
-        if g.name not in values:
-            continue
-        if not g.exists(result):
-            continue
-        value = values[g.name]
-        result[g.name] = g.default if value is None else value
-    return result
-
-
 def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
     booleans = all(isinstance(a, bool) for a in allowed)
     if isinstance(value, bool) != booleans or value not in allowed:

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 
 from qopt.quant.awq import awq_scale
-from qopt.quant.formats import index_bits
 from qopt.quant.gptq import gptq_quantize
 from qopt.quant.grid import QuantGrid, WeightQuantization
 from qopt.quant.hqq import hqq_grid, quantize_on_grid
@@ -124,11 +123,6 @@ class QuantizedMatrix:
             return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float16)
         index = self.kept.reshape(-1).nonzero().reshape(-1)
         return index, self.values.reshape(-1)[index].half()
-
-    @property
-    def index_bits(self) -> int:
-        """Bits of one kept outlier's flat index."""
-        return index_bits(self.values.numel())
 
 
 def quantize_matrix(
