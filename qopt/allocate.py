@@ -21,9 +21,10 @@ allocator's premise a measured one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -77,9 +78,45 @@ class LayerCosts:
         layers = {layer: self.menu[c] for layer, c in zip(self.layers, choice, strict=True)}
         return Strategy(layers=layers, name=name)
 
+    def merged(self, groups: Mapping[str, Sequence[str]]) -> LayerCosts:
+        """Costs of groups of layers that share one config (a search space's gene groups):
+        bits and errors summed over each group's layers; `layers` become the group names."""
+        row = {layer: i for i, layer in enumerate(self.layers)}
+        rows = [[row[layer] for layer in members] for members in groups.values()]
+        return LayerCosts(
+            tuple(groups),
+            self.menu,
+            self.n_weights,
+            np.stack([self.bits[r].sum(0) for r in rows]),
+            np.stack([self.error[r].sum(0) for r in rows]),
+        )
 
-def measure_costs(evaluator: Evaluator, configs: Sequence[LayerConfig], progress: bool = True) -> LayerCosts:
-    """Measure every (block linear layer, config) pair on the evaluator's search part.
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able form (what a study stores)."""
+        return {
+            "layers": list(self.layers),
+            "menu": [c.to_dict() for c in self.menu],
+            "n_weights": self.n_weights,
+            "bits": self.bits.tolist(),
+            "error": self.error.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], config_class: type[LayerConfig] = LayerConfig) -> LayerCosts:
+        return cls(
+            tuple(data["layers"]),
+            tuple(config_class.from_dict(c, where="allocator menu") for c in data["menu"]),
+            int(data["n_weights"]),
+            np.array(data["bits"], dtype=np.int64),
+            np.array(data["error"], dtype=np.float64),
+        )
+
+
+def measure_costs(
+    evaluator: Evaluator, configs: Sequence[LayerConfig], windows: int | None = None, progress: bool = True
+) -> LayerCosts:
+    """Measure every (block linear layer, config) pair on the evaluator's search part
+    (its first `windows` windows if given: a cheaper, noisier proxy).
 
     n_layers x (n_configs - 1) evaluations (16-bit costs nothing to measure); the
     quantized weights are cached per (layer, config), so a later evaluation of a
@@ -93,7 +130,7 @@ def measure_costs(evaluator: Evaluator, configs: Sequence[LayerConfig], progress
     with _quiet(evaluator):
         for i, j in tqdm(jobs, desc="layer sensitivity", disable=not progress):
             strategy = Strategy(layers={units[i].name: configs[j]})
-            error[i, j] = max(evaluator.evaluate(strategy, "search").kl, 0.0)
+            error[i, j] = max(evaluator.evaluate(strategy, "search", windows=windows).kl, 0.0)
     n_weights = sum(u.out_features * u.in_features for u in units)
     return LayerCosts(tuple(u.name for u in units), tuple(configs), n_weights, bits, error)
 

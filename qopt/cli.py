@@ -48,6 +48,13 @@ StorageOpt = Annotated[
         show_default=False,
     ),
 ]
+CandidatesOpt = Annotated[
+    int,
+    typer.Option(
+        help="With a bpw: how many of the best trials by search-part quality to compare on the validation part "
+        "(1: the best by search-part quality alone)."
+    ),
+]
 NameArg = Annotated[str, typer.Argument(help="Study name.")]
 SeqLenOpt = Annotated[int | None, typer.Option(help="Tokens per window (capped by the model's context); default 512.")]
 BatchSizeOpt = Annotated[int | None, typer.Option(help="Windows per forward pass; default 8.")]
@@ -147,7 +154,10 @@ def eval_command(
             help="Text file, JSON list of strings, or hf:NAME[:CONFIG[:SPLIT]] (default with -c: its source).",
         ),
     ] = None,
-    part: Annotated[str, typer.Option(help="search (what the search optimises on) or eval (held out).")] = "eval",
+    part: Annotated[
+        str,
+        typer.Option(help="search (what the search optimises on), validation (spare search-half windows) or eval."),
+    ] = "eval",
     windows: Annotated[
         int | None, typer.Option(help="Windows of that part to use (default: 16 search, 64 eval).")
     ] = None,
@@ -224,6 +234,7 @@ def export_command(
     device: DeviceOpt = None,
     dtype: DtypeOpt = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace an output folder that is not empty.")] = False,
+    candidates: CandidatesOpt = 5,
 ) -> None:
     """Write a strategy as a packed checkpoint: strategy.yaml, model.safetensors (codes
     bit-packed, fp16 scales/zeros/outliers), manifest.json, and llama-tensor-types.txt
@@ -243,7 +254,7 @@ def export_command(
 
         if trial is None:
             assert max_bpw is not None
-            trial = study.best(name, max_bpw, storage)[0].number
+            trial = study.best(name, max_bpw, storage, candidates, progress=True)[0].number
         config, frozen, parsed = study.trial_strategy(name, trial, storage)
         model, data, settings = config.model, config.data, config.eval
         if frozen.state.name == "PRUNED":
@@ -518,11 +529,21 @@ def study_best(
     max_bpw: Annotated[float, typer.Option(help="Largest acceptable true bits per weight.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Strategy file to write (.yaml or .json).")],
     storage: StorageOpt = None,
+    candidates: CandidatesOpt = 5,
 ) -> None:
-    """Export the best strategy (search-part quality) at or under a bit budget."""
+    """Write the best strategy at or under a bit budget: of the CANDIDATES best trials by
+    search-part quality, the one with the least KL on the validation part (search-half text
+    the search never scored), so a strategy that only fits the search windows is not chosen."""
     from qopt import study
 
-    trial, strategy = study.best(name, max_bpw, storage)
+    shortlist = study.shortlist(name, max_bpw, storage, candidates, progress=True)
+    trial, strategy = study.best(name, max_bpw, storage, candidates)
+    if len(shortlist) > 1:
+        typer.echo(f"{'trial':>6} {'bpw':>7} {'search':>9} {'validation KL':>14}")
+        for c in shortlist:
+            shown = f"{c.validation_kl:.4f}" if c.validation_kl is not None else "-"
+            mark = "  <- chosen" if c.trial == trial.number else ""
+            typer.echo(f"{c.trial:>6} {c.bpw:>7.3f} {c.search:>9.4f} {shown:>14}{mark}")
     strategy.save(output)
     typer.echo(f"wrote {output}: trial {trial.number}, {trial.user_attrs['bpw']:.3f} bpw, search {trial.values[0]:.4f}")
 

@@ -16,7 +16,7 @@ import torch
 
 from qopt.errors import QoptError, first_line
 
-PARTS = ("search", "eval")
+PARTS = ("search", "validation", "eval")
 
 
 def load_text(source: str) -> str:
@@ -76,14 +76,27 @@ def tokenize(tokenizer: object, text: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TokenSplit:
-    """Windows of each part: `search` is [n_search, seq_len], `eval` is [n_eval, seq_len]."""
+    """Windows of each part: `search` is [n_search, seq_len], `eval` is [n_eval, seq_len].
+
+    `validation` ([n_validation, seq_len], possibly empty) are windows of the search
+    half that the search never scores: what picks among a search's best members
+    without touching the held-out `eval` part.
+    """
 
     search: torch.Tensor
     eval: torch.Tensor
+    validation: torch.Tensor | None = None
 
     def part(self, name: str) -> torch.Tensor:
         if name not in PARTS:
             raise QoptError(f"part {name!r} is not one of {', '.join(PARTS)}")
+        if name == "validation":
+            if self.validation is None or len(self.validation) == 0:
+                raise QoptError(
+                    "no validation windows: the search half of the text has no windows beyond "
+                    "eval.search_windows (use a longer text, fewer search windows or eval.validation_windows > 0)"
+                )
+            return self.validation
         return self.search if name == "search" else self.eval
 
 
@@ -93,25 +106,27 @@ def split_windows(
     search_fraction: float = 0.5,
     max_windows: tuple[int | None, int | None] = (None, None),
     seed: int = 0,
+    validation_windows: int = 0,
 ) -> TokenSplit:
     """Cut a token stream into the search and evaluation parts, then into windows.
 
     The parts are contiguous and disjoint (search first). If a part has more
     windows than its cap in `max_windows` (search, eval), a seeded random
-    subset is kept, in stream order.
+    subset is kept, in stream order. Up to `validation_windows` of the search
+    half's windows left out of that subset form the validation part.
     """
     if not 0.0 < search_fraction < 1.0:
         raise QoptError(f"search_fraction must be in (0, 1), got {search_fraction}")
     cut = int(len(ids) * search_fraction)
-    parts = []
+    parts, spare = [], []
     for tokens, cap, offset in ((ids[:cut], max_windows[0], 0), (ids[cut:], max_windows[1], 1)):
         n = len(tokens) // seq_len
         if n == 0:
             raise QoptError(f"the text is too short: a part of {len(tokens)} tokens has no window of {seq_len} tokens")
         windows = tokens[: n * seq_len].view(n, seq_len)
+        order = torch.arange(n)
         if cap is not None and n > cap:
-            generator = torch.Generator().manual_seed(seed * 2 + offset)
-            keep = torch.randperm(n, generator=generator)[:cap].sort().values
-            windows = windows[keep]
-        parts.append(windows)
-    return TokenSplit(search=parts[0], eval=parts[1])
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 2 + offset))
+        parts.append(windows[order[:cap].sort().values])
+        spare.append(windows[order[cap:][:validation_windows].sort().values] if cap is not None else windows[:0])
+    return TokenSplit(search=parts[0], eval=parts[1], validation=spare[0])

@@ -51,6 +51,8 @@ class EvalSettings:
     `search_windows` / `eval_windows` cap the windows used per part (a seeded
     subset); `calib_windows` are taken from the search part for calibration.
     `screen_windows` is the first batch: the low-fidelity look at a strategy.
+    `validation_windows` caps the validation part: search-half windows the
+    search never scores, which choose among its best members (0: none).
     `weight_cache_mib` bounds the memory for quantized weights kept between
     strategies (0 turns the cache off); `calibration_cache` keeps calibration
     statistics on disk. `calib_memory_mib`
@@ -65,6 +67,7 @@ class EvalSettings:
     calib_windows: int = 8
     batch_size: int = 8
     screen_windows: int = 2
+    validation_windows: int = 16
     seed: int = 0
     weight_cache_mib: int = 1024
     calibration_cache: bool = True
@@ -75,6 +78,8 @@ class EvalSettings:
         for name in (*names, "calib_memory_mib"):
             if getattr(self, name) < 1:
                 raise QoptError(f"eval.{name}: {getattr(self, name)} must be at least 1")
+        if self.validation_windows < 0:
+            raise QoptError(f"eval.validation_windows: {self.validation_windows} must be 0 (none) or more")
         if self.weight_cache_mib < 0:
             raise QoptError(f"eval.weight_cache_mib: {self.weight_cache_mib} must be 0 (off) or more")
 
@@ -127,13 +132,20 @@ class _Reference:
     the final hidden states the output head turns into logits; `head_weight`
     ([vocab, hidden]) and `head_bias` are the unquantized head's own parameters
     (never overwritten: the quantizer swaps parameters instead). `nll` is the
-    summed next-token NLL.
+    summed next-token NLL, added up exactly as a strategy's is (so an unquantized
+    strategy's perplexity equals it bit for bit); `window_nll` [n_windows] is
+    each window's (float64), for scoring only the first windows.
     """
 
     hidden: torch.Tensor
     head_weight: torch.Tensor
     head_bias: torch.Tensor | None
     nll: float
+    window_nll: torch.Tensor
+
+    def nll_of(self, n_windows: int) -> float:
+        """Summed NLL of the first `n_windows` windows."""
+        return self.nll if n_windows == len(self.window_nll) else float(self.window_nll[:n_windows].sum())
 
     @property
     def nbytes(self) -> int:
@@ -165,13 +177,22 @@ class Evaluator:
             settings.search_fraction,
             (settings.search_windows, settings.eval_windows),
             settings.seed,
+            settings.validation_windows,
         )
         return cls(lm, split, settings, progress)
 
     def evaluate(
-        self, strategy: Strategy, part: str = "search", collapse_kl: float | None = None, verdict: Verdict | None = None
+        self,
+        strategy: Strategy,
+        part: str = "search",
+        collapse_kl: float | None = None,
+        verdict: Verdict | None = None,
+        windows: int | None = None,
     ) -> Metrics:
         """Quantize as `strategy` says, score it on `part` ("search" or "eval"), restore.
+
+        `windows` scores only the part's first that many windows (a low-fidelity
+        look, e.g. the allocator's per-layer sensitivities); None: all of them.
 
         After the first batch (`screen_windows` windows) the strategy is
         stopped with `Collapsed` if its KL there is not finite or exceeds
@@ -179,7 +200,10 @@ class Evaluator:
         (asked only when windows remain after the first batch).
         """
         self.quantizer.plan(strategy)  # reject a bad strategy before any forward pass
-        windows = self.split.part(part)
+        if windows is not None and windows < 1:
+            raise QoptError(f"windows: {windows} must be at least 1")
+        n_windows = windows
+        windows = self.split.part(part)[:n_windows]
         reference = self.reference(part)
         start = time.perf_counter()
         with self.quantizer.applied(strategy, seed=self.settings.seed) as report:
@@ -202,7 +226,7 @@ class Evaluator:
             kl=kl_sum / positions,
             ppl=_ppl(nll_sum, windows),
             top1=agree / positions,
-            fp_ppl=_ppl(reference.nll, windows),
+            fp_ppl=_ppl(reference.nll_of(len(windows)), windows),
             tokens=positions,
             seconds=seconds,
             quantize_seconds=report.seconds,
@@ -228,15 +252,19 @@ class Evaluator:
             head = self.lm.model.get_output_embeddings()
             weight, bias = head.weight, getattr(head, "bias", None)
             store = None
-            nll = 0.0
+            nll, window_nll = 0.0, torch.zeros(len(windows), dtype=torch.float64)
             for idx, hidden in self._hidden_states(windows, f"reference {part}"):
                 if store is None:
                     store = torch.empty(*windows.shape, hidden.shape[-1], dtype=hidden.dtype)
                 store[idx] = hidden.cpu()
                 targets = _targets(windows[idx]).to(hidden.device)
+                position_nll = torch.zeros(targets.shape[0], dtype=torch.float64)
                 for chunk, lp in self._logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, bias):
-                    nll -= float(_picked(lp, targets[chunk]).sum())
-            self._references[part] = _Reference(store, weight, bias, nll)
+                    picked = _picked(lp, targets[chunk])
+                    nll -= float(picked.sum())
+                    position_nll[chunk] = -picked.double().cpu()
+                window_nll[idx] = position_nll.reshape(-1, windows.shape[1]).sum(1)
+            self._references[part] = _Reference(store, weight, bias, nll, window_nll)
         return self._references[part]
 
     def _score(self, windows: torch.Tensor, label: str, reference: _Reference):
@@ -262,7 +290,7 @@ class Evaluator:
         unquantized strategy reproduces the reference bit for bit.
         """
         batch = self.settings.batch_size
-        head = self.settings.screen_windows
+        head = min(self.settings.screen_windows, len(windows))
         slices = [slice(0, head)] + [slice(s, s + batch) for s in range(head, len(windows), batch)]
         capture = HeadInput(self.lm.model)
         with torch.inference_mode():

@@ -16,12 +16,16 @@ LayerConfig per gene group) and returning a new, valid one:
   donor (one of the genome's own layers, or a random config) to every layer,
   so a good local discovery spreads across the model in one step;
 - `crossover`: each group's whole config from one parent or the other, so
-  genes that work together within a layer stay together.
+  genes that work together within a layer stay together;
+- `refine`: a few local moves (bit exchanges, one group's scheme, one gene
+  unit everywhere) from one strong member, fitted to a target bpw.
 
 `GenomeVariation` composes them with rates from `VariationConfig` and is
 Optuna's `child_generation_strategy`; `GenomeSampler` is NSGA-II whose
 relative search space is the whole conditional space (Optuna's default, the
-intersection, would drop conditional genes and redraw them at random).
+intersection, would drop conditional genes and redraw them at random), and
+which, with `refine_prob`, spends trials on refinement at the user's target
+bpw instead (the parent and target recorded in the trial's user attributes).
 """
 
 from __future__ import annotations
@@ -35,11 +39,15 @@ import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.samplers import NSGAIISampler
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from qopt.errors import QoptError
 from qopt.space import Genome, SearchSpace
 from qopt.strategy import LayerConfig
+
+#: User attributes of a refinement trial: its parent's trial number, and the target bpw it was fitted to.
+REFINED_FROM = "refined_from"
+REFINE_TARGET = "refine_target"
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,7 @@ class VariationConfig:
     format_rate: float = 0.015
     rounding_rate: float = 0.02
     arithmetic_rate: float = 0.01
+    refine_prob: float = 0.0  # per trial: refine a strong member at a target bpw instead
 
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():
@@ -150,6 +159,41 @@ def crossover(a: Genome, b: Genome, space: SearchSpace, rng: np.random.RandomSta
     return {g.name: (a if rng.random_sample() < 0.5 else b)[g.name] for g in space.groups}
 
 
+def change_scheme(genome: Genome, space: SearchSpace, rng: np.random.RandomState) -> Genome:
+    """One group's one searched gene unit (granularity, rounding, outlier policy...) redrawn."""
+    units = [u for u, f in space.unit_family.items() if f in space.config.families]
+    if not units:
+        return genome
+    group = space.groups[rng.randint(len(space.groups))]
+    names = space.gene_units[units[rng.randint(len(units))]]
+    donor = space.random_config(group, rng)
+    return {**genome, group.name: space.replace_genes(genome[group.name], donor, names, group)}
+
+
+def refine(parent: Genome, space: SearchSpace, rng: np.random.RandomState, target_bpw: float) -> Genome:
+    """A local step from a strong member: one to three moves, then fitted to `target_bpw`.
+
+    Moves are EvoPress's budget-neutral level switch (`exchange_bits`), a scheme
+    change on one group (`change_scheme`) and one gene unit spread to every
+    group (`broadcast_genes`). Never returns `parent` itself.
+    """
+    moves = (
+        lambda g: exchange_bits(g, space, rng),
+        lambda g: change_scheme(g, space, rng),
+        lambda g: broadcast_genes(g, space, rng),
+    )
+    weights = np.array([0.45, 0.45, 0.1])
+    child = parent
+    for _ in range(20):  # a move can be a no-op (a clamped ladder, the same value redrawn)
+        child = dict(parent)
+        for _ in range(1 + rng.binomial(2, 0.3)):
+            child = moves[rng.choice(len(moves), p=weights)](child)
+        child = space.fit_budget(child, target_bpw, rng)
+        if child != parent:
+            break
+    return child
+
+
 class GenomeVariation:
     """NSGA-II child generation: two parents -> crossover -> mutations -> budget fit."""
 
@@ -209,11 +253,14 @@ class GenomeSampler(NSGAIISampler):
         population_size: int,
         variation: VariationConfig = VariationConfig(),
         budget_bpw: float | None = None,
+        targets: Sequence[float] = (),
         seeds: Sequence[LayerConfig] = (),
         seed: int | None = None,
     ) -> None:
         self._space = space
         self._budget_bpw = budget_bpw
+        self._targets = tuple(targets) or ((budget_bpw,) if budget_bpw is not None else ())
+        self._refine_prob = variation.refine_prob
         self._seeds = tuple(seeds)
         self._genome_rng = np.random.RandomState(seed)
         with warnings.catch_warnings():
@@ -230,6 +277,11 @@ class GenomeSampler(NSGAIISampler):
     def sample_relative(
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
+        enqueued = "fixed_params" in trial.system_attrs  # a baseline or seed: its params are given
+        if search_space and self._targets and not enqueued and self._genome_rng.random_sample() < self._refine_prob:
+            params = self._refined(study, trial)
+            if params is not None:
+                return {k: v for k, v in params.items() if k in search_space}
         params = super().sample_relative(study, trial, search_space)
         if params:
             return params
@@ -237,3 +289,31 @@ class GenomeSampler(NSGAIISampler):
         if self._budget_bpw is not None:
             genome = self._space.fit_budget(genome, self._budget_bpw, self._genome_rng)
         return {k: v for k, v in self._space.encode(genome).items() if k in search_space}
+
+    def _refined(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any] | None:
+        """Params of a refinement child at a random target (None: nothing completed fits it yet).
+
+        The parent is one of the five best completed trials at or under the target by the
+        first objective (the best most often); a child that repeats any trial's params is
+        drawn again. The trial records `refined_from` (the parent's number) and `refine_target`.
+        """
+        rng = self._genome_rng
+        target = self._targets[rng.randint(len(self._targets))]
+        trials = study.get_trials(deepcopy=False)
+        fitting = sorted(
+            (t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("bpw", np.inf) <= target),
+            key=lambda t: t.values[0],
+        )[:5]
+        if not fitting:
+            return None
+        weights = 1.0 / np.arange(1, len(fitting) + 1)
+        parent = fitting[rng.choice(len(fitting), p=weights / weights.sum())]
+        seen = {tuple(sorted(t.params.items())) for t in trials}
+        genome = self._space.decode(parent.params)
+        for _ in range(10):
+            params = self._space.encode(refine(genome, self._space, rng, target))
+            if tuple(sorted(params.items())) not in seen:
+                break
+        study._storage.set_trial_user_attr(trial._trial_id, REFINED_FROM, parent.number)
+        study._storage.set_trial_user_attr(trial._trial_id, REFINE_TARGET, target)
+        return params

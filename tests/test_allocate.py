@@ -103,3 +103,75 @@ def test_allocations_seed_a_study(monkeypatch, capsys, tmp_path, tiny_llama_dir,
     code, out, _ = run(monkeypatch, capsys, "study", "front", "s", "--storage", storage, "--json")
     seeded = {m["trial"]: m for m in json.loads(out)}[row["trial"]]
     assert seeded["baseline"] == "Allocator 4 bpw" and seeded["bpw"] == pytest.approx(row["bpw"])
+
+
+def test_costs_merge_over_groups_and_survive_a_round_trip(costs_and_evaluator):
+    costs, _ = costs_and_evaluator
+    half = len(costs.layers) // 2
+    merged = costs.merged({"a": costs.layers[:half], "b": costs.layers[half:]})
+    assert merged.layers == ("a", "b")
+    np.testing.assert_array_equal(merged.bits[0], costs.bits[:half].sum(0))
+    np.testing.assert_allclose(merged.error[1], costs.error[half:].sum(0))
+    again = type(costs).from_dict(json.loads(json.dumps(costs.to_dict())))
+    assert again.menu == costs.menu and again.layers == costs.layers
+    np.testing.assert_array_equal(again.bits, costs.bits)
+    np.testing.assert_array_equal(again.error, costs.error)
+
+
+def test_low_fidelity_costs_score_only_the_first_windows(costs_and_evaluator):
+    _, evaluator = costs_and_evaluator
+    strategy = allocate(measure_costs(evaluator, menu(32)[:2] + menu(32)[-1:], progress=False), 6.0)
+    full, first = evaluator.evaluate(strategy, "search"), evaluator.evaluate(strategy, "search", windows=1)
+    assert first.tokens == full.tokens // len(evaluator.split.search)
+    assert first.kl == pytest.approx(first.screen_kl) and first.kl != full.kl
+    with pytest.raises(QoptError, match="at least 1"):
+        evaluator.evaluate(strategy, "search", windows=0)
+
+
+def test_allocate_entries_seed_a_study_at_launch(tmp_path, tiny_llama_dir, small_text):
+    """`{allocate: B}` baselines: the first launch measures the costs once, stores them in the
+    study and enqueues the allocator's strategy at each budget; a relaunch reuses them."""
+    import optuna
+
+    from qopt import study as qstudy
+    from qopt.space import SearchConfig
+    from qopt.strategy import FP16
+    from qopt.study.allocation import COSTS_ATTR_PREFIX, space_menu
+
+    config = qstudy.StudyConfig(
+        model=str(tiny_llama_dir),
+        data=str(small_text),
+        budget_bpw=4.5,
+        population=4,
+        baselines=(3, {"allocate": 3.5, "windows": 1}, {"allocate": 4.5, "windows": 1}),
+        eval=EvalSettings(seq_len=64, search_windows=2, eval_windows=2, calib_windows=2, batch_size=2),
+        search=SearchConfig(
+            families=("bits", "rounding"), group_sizes=(32,), base=FP16.evolve(bits=4, group_size=32, rounding="gptq")
+        ),
+    )
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    qstudy.create("s", config, url)
+    qstudy.launch("s", n_trials=3, url=url, progress=False)
+    study = optuna.load_study(study_name="s", storage=url)
+    names = [t.user_attrs.get("baseline") for t in study.trials]
+    assert names[:3] == ["RTN int3 g32 asym", "Allocator 3.5 bpw", "Allocator 4.5 bpw"]  # the first trials
+    for trial, budget in zip(study.trials[1:3], (3.5, 4.5), strict=True):
+        assert trial.state.name == "COMPLETE" and trial.user_attrs["bpw"] <= budget
+    stored = study.user_attrs[f"{COSTS_ATTR_PREFIX}1"]
+    space = qstudy.SearchRun(config).space
+    # The menu is what this space can express: its bits, its base's scaling, both roundings.
+    assert len(stored["menu"]) == len(space_menu(space)) == 6 * 2 + 1
+    qstudy.launch("s", n_trials=1, url=url, progress=False)  # nothing to measure or enqueue again
+    assert sum("baseline" in t.user_attrs for t in optuna.load_study(study_name="s", storage=url).trials) == 3
+
+
+def test_malformed_allocate_entries_are_refused(tiny_llama_dir, small_text):
+    from qopt import study as qstudy
+
+    for entry, message in (
+        ({"allocate": -1}, "positive budget"),
+        ({"allocate": 3, "windows": 0}, "positive number of search windows"),
+        ({"allocate": 3, "bits": 4}, "only allocate and windows"),
+    ):
+        with pytest.raises(QoptError, match=message):
+            qstudy.StudyConfig(model=str(tiny_llama_dir), data=str(small_text), baselines=(entry,))

@@ -110,7 +110,7 @@ def _write(tmp_path, name, text):
         ("unknown-module", "layers.model.layers.9.mlp.down_proj: the model has no quantizable module"),
         ("group-too-wide", "default.group_size: 128 is larger than"),
         ("bad-gene", "default.format: 'fp' has no 3-bit grid"),
-        ("bad-part", "--part must be one of search, eval"),
+        ("bad-part", "--part must be one of search, validation, eval"),
     ],
 )
 def test_eval_errors_are_one_clear_line(monkeypatch, capsys, tmp_path, assets, case, message):

@@ -80,3 +80,18 @@ def test_text_sources(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(QoptError, match="empty"):
         load_text(str(tmp_path / "empty.txt"))
+
+
+def test_validation_windows_come_from_the_search_half_and_are_never_searched():
+    ids = torch.arange(40 * 16)
+    split = split_windows(ids, 16, 0.5, (8, 8), seed=1, validation_windows=5)
+    before = split_windows(ids, 16, 0.5, (8, 8), seed=1)
+    assert torch.equal(split.search, before.search) and torch.equal(split.eval, before.eval)  # unchanged
+    assert split.validation.shape == (5, 16)
+    search_half = set(range(20 * 16))
+    seen = {tuple(w.tolist()) for w in split.search}
+    for window in split.validation:
+        assert set(window.tolist()) <= search_half and tuple(window.tolist()) not in seen
+    empty = split_windows(ids, 16, 0.5, (None, None), validation_windows=5)
+    with pytest.raises(QoptError, match="no validation windows"):
+        empty.part("validation")

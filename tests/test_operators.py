@@ -13,9 +13,11 @@ from qopt.errors import QoptError
 from qopt.genes import gene, only_with, schema
 from qopt.operators import (
     broadcast_genes,
+    change_scheme,
     crossover,
     exchange_bits,
     perturb_bits,
+    refine,
     replace_family,
     swap_layers,
     toggle_outliers,
@@ -140,6 +142,23 @@ class DitherConfig(LayerConfig):
         **only_with("rounding", "stochastic"),
         label=lambda v, g: f"dither{v:.1f}",
     )
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_change_scheme_edits_one_layer(space, seed):
+    genome = _genome(space, seed)
+    assert len(_changed(genome, change_scheme(genome, space, np.random.RandomState(seed)))) <= 1
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("target", [3.25, 4.25])
+def test_refine_makes_a_new_child_within_the_target(space, seed, target):
+    rng = np.random.RandomState(seed)
+    parent = space.fit_budget(_genome(space, seed), target, rng)
+    child = refine(parent, space, rng, target)
+    assert child != parent
+    assert space.bpw(child) <= target
+    assert space.decode(space.encode(child)) == child  # a valid, storable genome
 
 
 def test_a_new_gene_is_validated_labelled_serialised_and_searched():

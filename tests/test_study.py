@@ -207,3 +207,42 @@ def test_telling_a_trial_an_earlier_try_already_told_is_not_an_error(capsys):
     study.tell(stale, state=TrialState.FAIL)
     _tell(study, stale, TrialState.COMPLETE, [1.0, 2.0], Retrying())
     assert "failed as stale" in capsys.readouterr().err
+
+
+def test_refinement_trials_stay_within_their_target(config, url):
+    from qopt.operators import REFINE_TARGET, REFINED_FROM, VariationConfig
+
+    refining = dataclasses.replace(config, targets=(3.0, BUDGET), variation=VariationConfig(refine_prob=1.0))
+    qstudy.create("r", refining, url)
+    qstudy.launch("r", n_trials=16, url=url, progress=False)
+    study, _ = qstudy.load("r", url)
+    refined = [t for t in study.trials if REFINED_FROM in t.user_attrs]
+    assert len(refined) >= 8  # every trial but the baselines, once something fits a target
+    numbers = {t.number: t for t in study.trials}
+    for t in refined:
+        parent = numbers[t.user_attrs[REFINED_FROM]]
+        target = t.user_attrs[REFINE_TARGET]
+        assert parent.number < t.number and parent.user_attrs["bpw"] <= target
+        assert t.user_attrs["bpw"] <= target and t.params != parent.params
+        if t.state == TrialState.PRUNED and "screened" in t.user_attrs.get("rejected", ""):
+            assert f"no more than {target:.4g} bpw" in t.user_attrs["rejected"]
+    trial, _ = qstudy.best("r", 3.0, url)
+    assert trial.user_attrs["bpw"] <= 3.0
+    with pytest.raises(QoptError, match="above budget_bpw"):
+        dataclasses.replace(config, targets=(BUDGET + 1,))
+
+
+def test_best_reranks_its_candidates_on_validation_text(config, url):
+    from qopt.study.objective import VALIDATION_ATTR_PREFIX
+
+    wide = dataclasses.replace(config, eval=dataclasses.replace(config.eval, validation_windows=2))
+    qstudy.create("v", wide, url)
+    qstudy.launch("v", n_trials=12, url=url, progress=False)
+    shortlist = qstudy.shortlist("v", BUDGET, url, candidates=4)
+    assert len(shortlist) == 4 and [c.search for c in shortlist] == sorted(c.search for c in shortlist)
+    assert all(c.validation_kl is not None and c.bpw <= BUDGET for c in shortlist)
+    trial, _ = qstudy.best("v", BUDGET, url, candidates=4)
+    assert trial.number == min(shortlist, key=lambda c: c.validation_kl).trial
+    study, _ = qstudy.load("v", url)
+    assert all(f"{VALIDATION_ATTR_PREFIX}{c.trial}" in study.user_attrs for c in shortlist)  # measured once
+    assert qstudy.best("v", BUDGET, url, candidates=1)[0].values[0] == shortlist[0].search

@@ -4,7 +4,8 @@
     create.py     create a study (baselines enqueued first), load it, add measured baselines
     objective.py  SearchRun: one worker's model, evaluator and space; the per-trial objective
     workers.py    launch: worker processes, heartbeats, signals, database retries
-    queries.py    front (held-out metrics), best under a bpw, status, structure
+    allocation.py the allocator's strategies (`{allocate: B}` baselines) enqueued as seeds
+    queries.py    front (held-out metrics), best under a bpw (validation re-ranking), status, structure
 
 `create` once, then `launch` any number of times on any number of machines
 sharing the storage (SQLite by default, PostgreSQL for several machines).
@@ -13,11 +14,22 @@ sharing the storage (SQLite by default, PostgreSQL for several machines).
 from qopt.study.config import StudyConfig, baseline_strategies
 from qopt.study.create import add_baselines, completed, create, load
 from qopt.study.objective import SCREENED, SearchRun
-from qopt.study.queries import FrontMember, best, front, non_dominated, status, structure, trial_strategy
+from qopt.study.queries import (
+    Candidate,
+    FrontMember,
+    best,
+    front,
+    non_dominated,
+    shortlist,
+    status,
+    structure,
+    trial_strategy,
+)
 from qopt.study.workers import LaunchCounts, check_launch, launch
 
 __all__ = [
     "SCREENED",
+    "Candidate",
     "FrontMember",
     "LaunchCounts",
     "SearchRun",
@@ -32,6 +44,7 @@ __all__ = [
     "launch",
     "load",
     "non_dominated",
+    "shortlist",
     "status",
     "structure",
     "trial_strategy",

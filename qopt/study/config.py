@@ -41,11 +41,19 @@ class StudyConfig:
     (`eval.screen_windows` windows) a trial stops if some completed trial
     with no more bpw had a first-batch KL `screen_margin` times lower (0: off).
     KL is the screening statistic whichever quality objective is searched.
+    `targets` are the bpw points refinement works at (default: the budget):
+    with `variation.refine_prob` > 0 that share of trials are local moves from
+    one of the best members at or under a target, screened after the first
+    batch against the best there with the tighter `refine_margin`.
     `dtype` is what the model's weights are held and computed in (float32,
-    bfloat16 or float16). `baselines` are uniform strategies enqueued as the first trials: each
-    entry is a bit-width (round-to-nearest) or a mapping of genes laid over the
-    search's `base` config (e.g. `{bits: 3, granularity: channel}` or
-    `{bits: 3, rounding: gptq}`).
+    bfloat16 or float16). `baselines` are enqueued as the first trials: each
+    entry is a bit-width (uniform round-to-nearest), a mapping of genes laid over
+    the search's `base` config (e.g. `{bits: 3, granularity: channel}` or
+    `{bits: 3, rounding: gptq}`), or `{allocate: B}`: the sensitivity-based
+    allocator's strategy at B true bits per weight (`qopt.allocate`, over the
+    menu configs this search space can express; the first worker measures
+    the per-layer sensitivities, on `windows` search windows if given, else
+    all, and stores them in the study).
     """
 
     model: str
@@ -56,6 +64,8 @@ class StudyConfig:
     seed: int = 0
     collapse_kl: float = 4.0
     screen_margin: float = 1.25
+    targets: tuple[float, ...] = ()
+    refine_margin: float = 1.1
     baselines: tuple[int | Mapping[str, Any], ...] = (2, 3, 4, 8)
     device: str | None = None
     dtype: str = "float32"
@@ -75,9 +85,17 @@ class StudyConfig:
             raise QoptError(f"population: {self.population} must be at least 2")
         if self.budget_bpw is not None and self.budget_bpw <= 0:
             raise QoptError(f"budget_bpw: {self.budget_bpw} must be positive")
-        if self.screen_margin != 0 and self.screen_margin < 1:
-            raise QoptError(f"screen_margin: {self.screen_margin} must be 0 (off) or at least 1")
+        for key in ("screen_margin", "refine_margin"):
+            margin = getattr(self, key)
+            if margin != 0 and margin < 1:
+                raise QoptError(f"{key}: {margin} must be 0 (off) or at least 1")
+        for target in self.targets:
+            if isinstance(target, bool) or not isinstance(target, (int, float)) or target <= 0:
+                raise QoptError(f"targets: {target!r} must be a positive bpw")
+            if self.budget_bpw is not None and target > self.budget_bpw:
+                raise QoptError(f"targets: {target} is above budget_bpw {self.budget_bpw}: no trial may go there")
         baseline_strategies(self)  # reject a malformed baseline now, naming it
+        allocator_seeds(self)
         from qopt.model import parse_dtype
 
         parse_dtype(self.dtype)
@@ -123,12 +141,47 @@ class StudyConfig:
         return dataclasses.replace(config, **resolved)
 
 
+@dataclass(frozen=True)
+class AllocatorSeed:
+    """A `{allocate: B}` baseline entry: the allocator's strategy at `budget_bpw`,
+    its per-layer sensitivities measured on `windows` search windows (None: all)."""
+
+    budget_bpw: float
+    windows: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The `baseline` user attribute of its trial (as `qopt.allocate.allocate` names it)."""
+        return f"Allocator {self.budget_bpw:g} bpw"
+
+
+def allocator_seeds(config: StudyConfig) -> list[AllocatorSeed]:
+    """The `{allocate: B}` entries of the config's baselines."""
+    seeds = []
+    for i, entry in enumerate(config.baselines):
+        if not (isinstance(entry, Mapping) and "allocate" in entry):
+            continue
+        unknown = set(entry) - {"allocate", "windows"}
+        if unknown:
+            raise QoptError(f"baselines[{i}]: an allocate entry takes only allocate and windows, not {sorted(unknown)}")
+        budget, windows = entry["allocate"], entry.get("windows")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
+            raise QoptError(f"baselines[{i}].allocate: {budget!r} must be a positive budget in bits per weight")
+        if windows is not None and (isinstance(windows, bool) or not isinstance(windows, int) or windows < 1):
+            raise QoptError(f"baselines[{i}].windows: {windows!r} must be a positive number of search windows")
+        seeds.append(AllocatorSeed(float(budget), windows))
+    return seeds
+
+
 def baseline_strategies(config: StudyConfig) -> list[Strategy]:
     """The configured uniform strategies: round-to-nearest with no outliers, fp32,
-    unless an entry names other genes (e.g. `{bits: 3, rounding: gptq}`)."""
+    unless an entry names other genes (e.g. `{bits: 3, rounding: gptq}`).
+    `{allocate: B}` entries are not uniform: see `allocator_seeds`."""
     plain = {"outliers": "none", "act_format": "none", "accumulation": "fp32", "rounding": "nearest"}
     out = []
     for i, entry in enumerate(config.baselines):
+        if isinstance(entry, Mapping) and "allocate" in entry:
+            continue
         genes = {"bits": entry} if isinstance(entry, int) else dict(entry)
         merged = {**config.search.base.to_dict(), **plain, **genes}
         if merged["bits"] not in FORMAT_BITS[merged.get("format", "int")]:

@@ -43,7 +43,7 @@ def create(name: str, config: StudyConfig, url: str | None = None) -> optuna.Stu
         if missing:
             space = SearchSpace(load_skeleton(config.model).units, config.search)
             for strategy in missing:
-                _enqueue_baseline(study, space, strategy)
+                enqueue_baseline(study, space, strategy)
         return study
     if not config.data.startswith("hf:"):
         load_text(config.data)  # an unreadable text fails here, not in every worker
@@ -62,7 +62,7 @@ def create(name: str, config: StudyConfig, url: str | None = None) -> optuna.Stu
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(config.objectives))
     for strategy in baseline_strategies(config):
-        _enqueue_baseline(study, space, strategy)
+        enqueue_baseline(study, space, strategy)
     return study
 
 
@@ -84,7 +84,7 @@ def _same_study(storage, name: str, wanted: dict[str, Any], wait_s: float = 0.0)
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def _enqueue_baseline(study: optuna.Study, space: SearchSpace, strategy: Strategy) -> dict[str, Any] | None:
+def enqueue_baseline(study: optuna.Study, space: SearchSpace, strategy: Strategy) -> dict[str, Any] | None:
     """Enqueue `strategy` as a baseline trial unless the study holds it already.
 
     Returns its params, or None when the space cannot express it exactly.
@@ -112,7 +112,7 @@ def add_baselines(
     """
     storage = connect(url)
     study, _ = load_from(storage, name, url)
-    all_params = [_enqueue_baseline(study, run.space, strategy) for strategy, _ in measured]
+    all_params = [enqueue_baseline(study, run.space, strategy) for strategy, _ in measured]
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     if waiting:
         optuna.logging.set_verbosity(optuna.logging.WARNING)

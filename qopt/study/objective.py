@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from qopt.evaluate import Evaluator, Metrics, Rejected, Verdict
-from qopt.operators import GenomeSampler
+from qopt.operators import REFINE_TARGET, GenomeSampler
 from qopt.space import SearchSpace
 from qopt.study.config import StudyConfig, baseline_strategies
 from qopt.study.workers import worker_id
@@ -27,6 +27,8 @@ from qopt.study.workers import worker_id
 SCREENED = "screened out"
 #: Study user attribute prefix of a trial's held-out metrics (`EVAL_ATTR_PREFIX` + trial number).
 EVAL_ATTR_PREFIX = "qopt:eval:"
+#: Likewise for its metrics on the validation part (search-half windows the search never scored).
+VALIDATION_ATTR_PREFIX = "qopt:validation:"
 
 
 class SearchRun:
@@ -59,6 +61,7 @@ class SearchRun:
             population_size=self.config.population,
             variation=self.config.variation,
             budget_bpw=self.config.budget_bpw,
+            targets=self.config.targets,
             seeds=seeds,
             seed=self.config.seed + n_existing,
         )
@@ -85,7 +88,12 @@ class SearchRun:
         # Baselines are reference points: measure them in full even when they collapse.
         baseline = "baseline" in trial.user_attrs
         cap = None if baseline else self.config.collapse_kl
-        verdict = None if baseline or not self.config.screen_margin else self._screen(rivals, bpw)
+        verdict = None
+        target = trial.user_attrs.get(REFINE_TARGET)
+        if target is not None and self.config.refine_margin:  # a refinement child: judged at its target
+            verdict = self._screen(rivals, target, self.config.refine_margin)
+        elif not baseline and self.config.screen_margin:
+            verdict = self._screen(rivals, bpw, self.config.screen_margin)
         try:
             with self.evaluation():
                 metrics = self.evaluator.evaluate(strategy, "search", collapse_kl=cap, verdict=verdict)
@@ -114,33 +122,39 @@ class SearchRun:
             if "screen_kl" in t.user_attrs
         ]
 
-    def _screen(self, rivals: list[tuple[float, float, int]], bpw: float) -> Verdict:
-        """Stop a strategy whose first-batch KL is `screen_margin` times that of a completed
-        trial of no more bpw: it is clearly dominated. (First-batch KLs of all trials are
-        on the same windows, so the comparison is paired.)"""
+    @staticmethod
+    def _screen(rivals: list[tuple[float, float, int]], bpw: float, margin: float) -> Verdict:
+        """Stop a strategy whose first-batch KL is `margin` times that of a completed
+        trial of no more than `bpw`: it is clearly dominated. (First-batch KLs of all
+        trials are on the same windows, so the comparison is paired.)"""
         best = min(((kl, number) for kl, rival_bpw, number in rivals if rival_bpw <= bpw), default=None)
-        margin = self.config.screen_margin
 
         def verdict(kl: float) -> str | None:
             if best is None or kl <= margin * best[0]:
                 return None
             return (
                 f"{SCREENED}: first-batch KL {kl:.4g} > {margin:g} x {best[0]:.4g} "
-                f"of trial {best[1]}, which has no more bpw"
+                f"of trial {best[1]}, which has no more than {bpw:.4g} bpw"
             )
 
         return verdict
 
     def measure_held_out(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, float]:
         """Measure a trial on the evaluation part and store the metrics in the study."""
-        m = self.evaluator.evaluate(self.space.strategy(self.space.decode(trial.params)), "eval")
+        return self.measure_part(study, trial, "eval")
+
+    def measure_part(self, study: optuna.Study, trial: FrozenTrial, part: str) -> dict[str, float]:
+        """Measure a trial on `part` ("eval" or "validation") and store the metrics in the study."""
+        m = self.evaluator.evaluate(self.space.strategy(self.space.decode(trial.params)), part)
         return self.store_held_out(study, trial.number, m)
 
     @staticmethod
     def store_held_out(study: optuna.Study, number: int, m: Metrics) -> dict[str, float]:
-        """Store a trial's metrics on the evaluation part in the study (read by `front`)."""
+        """Store a trial's metrics on the evaluation (or validation) part in the study
+        (read by `front` and `best`)."""
         held_out = {"kl": m.kl, "ppl": m.ppl, "top1": m.top1, "fp_ppl": m.fp_ppl}
-        study.set_user_attr(f"{EVAL_ATTR_PREFIX}{number}", held_out)
+        prefix = VALIDATION_ATTR_PREFIX if m.part == "validation" else EVAL_ATTR_PREFIX
+        study.set_user_attr(f"{prefix}{number}", held_out)
         return held_out
 
 

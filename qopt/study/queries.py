@@ -20,7 +20,7 @@ from qopt.storage import load_trial, trial_summaries
 from qopt.strategy import Strategy
 from qopt.study.config import StudyConfig
 from qopt.study.create import completed, load
-from qopt.study.objective import EVAL_ATTR_PREFIX, SCREENED, SearchRun
+from qopt.study.objective import EVAL_ATTR_PREFIX, SCREENED, VALIDATION_ATTR_PREFIX, SearchRun
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,44 @@ def front(name: str, url: str | None = None, with_baselines: bool = True, progre
     return members
 
 
-def best(name: str, max_bpw: float, url: str | None = None) -> tuple[FrozenTrial, Strategy]:
-    """The feasible trial with the best search-part quality at bpw <= `max_bpw`, as a Strategy.
+@dataclass(frozen=True)
+class Candidate:
+    """One of the best trials under a bpw: its search-part quality (the first objective)
+    and, when the study's text has a validation part, its KL there (nats/token)."""
 
-    Reads the trials' values and bpw only, then the chosen trial's parameters."""
+    trial: int
+    bpw: float
+    search: float
+    validation_kl: float | None
+
+
+def best(
+    name: str, max_bpw: float, url: str | None = None, candidates: int = 1, progress: bool = False
+) -> tuple[FrozenTrial, Strategy]:
+    """The best feasible trial at bpw <= `max_bpw`, as a Strategy.
+
+    With `candidates` = 1 it is the best by search-part quality (reads the trials'
+    values and bpw only). With more, the `candidates` best by search-part quality
+    are measured on the validation part (search-half text the search never scored;
+    stored in the study, so once) and the best there is chosen: a guard against a
+    strategy that only fits the search windows. See `shortlist`.
+    """
+    study, config = load(name, url)
+    ranked = shortlist(name, max_bpw, url, candidates, progress)
+    chosen = min(ranked, key=lambda c: c.validation_kl if c.validation_kl is not None else c.search)
+    trial_id = next(t.trial_id for t in trial_summaries(study) if t.number == chosen.trial)
+    trial = load_trial(study, trial_id)
+    return trial, _strategy_of(name, config, trial)
+
+
+def shortlist(
+    name: str, max_bpw: float, url: str | None = None, candidates: int = 5, progress: bool = False
+) -> list[Candidate]:
+    """The `candidates` best feasible trials at bpw <= `max_bpw` by search-part quality,
+    each with its validation KL when there are more than one and the text has a
+    validation part (measured once per trial, then read from the study)."""
+    if candidates < 1:
+        raise QoptError(f"--candidates must be at least 1, got {candidates}")
     study, config = load(name, url)
     budget = config.budget_bpw if config.budget_bpw is not None else float("inf")
     eligible = [
@@ -91,8 +125,22 @@ def best(name: str, max_bpw: float, url: str | None = None) -> tuple[FrozenTrial
     ]
     if not eligible:
         raise QoptError(f"no completed trial of study {name!r} has bpw <= {max_bpw}")
-    trial = load_trial(study, min(eligible, key=lambda t: t.values[0]).trial_id)
-    return trial, _strategy_of(name, config, trial)
+    top = sorted(eligible, key=lambda t: t.values[0])[:candidates]
+    stored = study.user_attrs
+    run: SearchRun | None = None
+    out = []
+    for t in tqdm(top, desc="measuring on validation text", disable=not progress or len(top) < 2):
+        validation = stored.get(f"{VALIDATION_ATTR_PREFIX}{t.number}")
+        if validation is None and len(top) > 1:
+            run = run or SearchRun(config)
+            if run.evaluator.split.validation is None or not len(run.evaluator.split.validation):
+                break  # no validation part: rank by search-part quality alone
+            validation = run.measure_part(study, load_trial(study, t.trial_id), "validation")
+        kl = validation["kl"] if validation is not None else None
+        out.append(Candidate(t.number, t.user_attrs["bpw"], t.values[0], kl))
+    if len(out) < len(top):
+        out = [Candidate(t.number, t.user_attrs["bpw"], t.values[0], None) for t in top]
+    return out
 
 
 def trial_strategy(name: str, number: int, url: str | None = None) -> tuple[StudyConfig, FrozenTrial, Strategy]:

@@ -192,11 +192,12 @@ def launch(
     from qopt.study.create import load
 
     check_launch(n_trials, until, timeout, workers, heartbeat)
-    study, _ = load(name, url)  # fail fast on a bad name or storage, before any process starts
+    study, config = load(name, url)  # fail fast on a bad name or storage, before any process starts
     job = Job(name, url, n_trials, timeout, until, heartbeat, progress, uuid.uuid4().hex, patience_s=patience_s)
     if workers == 1:
         run_worker(job)
     else:
+        _seed_allocations_once(study, config, progress)
         threads = max(1, (os.cpu_count() or 1) // workers)  # share the cores instead of oversubscribing
         shares: list[int | None] = [None] * workers
         if n_trials is not None:
@@ -254,6 +255,7 @@ def run_worker(job: Job) -> None:
 
 
 def _work(job: Job, stop: Stop) -> None:
+    from qopt.study.allocation import enqueue_seeds
     from qopt.study.create import load_from
     from qopt.study.objective import SearchRun
 
@@ -263,6 +265,8 @@ def _work(job: Job, stop: Stop) -> None:
     run = SearchRun(config, retry=retry)
     run.evaluation = stop.evaluation
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with stop.evaluation():  # measuring the allocator's costs is numerics: a stop ends it at once
+        enqueue_seeds(study, run, progress=job.progress)
     # A new sampler on the loaded study: loading it again would re-read every trial.
     study.sampler = run.sampler(count_trials(study))
     bar = tqdm(total=job.n_trials, desc=job.name, disable=not job.progress)
@@ -387,6 +391,16 @@ class _Heartbeat:
     def __exit__(self, *exc) -> None:
         self._done.set()
         self._thread.join()
+
+
+def _seed_allocations_once(study: optuna.Study, config, progress: bool) -> None:
+    """Enqueue missing allocator seeds here, once, before pooled workers start (each
+    would otherwise measure the allocator's costs itself)."""
+    from qopt.study.allocation import enqueue_seeds, missing_seeds
+    from qopt.study.objective import SearchRun
+
+    if missing_seeds(study, config):
+        enqueue_seeds(study, SearchRun(config), progress=progress)
 
 
 def _pool_worker(job: Job) -> None:
