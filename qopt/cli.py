@@ -233,8 +233,17 @@ def export_command(
     storage: StorageOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = "float32",
-    force: Annotated[bool, typer.Option("--force", help="Replace an output folder that is not empty.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     candidates: CandidatesOpt = 5,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="qopt: a packed checkpoint folder; gguf: one .gguf file for llama.cpp holding qopt's own codes "
+            "(int4/int5 g32 either way, int8 g32 symmetric, 16-bit; anything else is refused, naming the matrices).",
+        ),
+    ] = "qopt",
 ) -> None:
     """Write a strategy as a packed checkpoint: strategy.yaml, model.safetensors (codes
     bit-packed, fp16 scales/zeros/outliers), manifest.json, and llama-tensor-types.txt
@@ -268,6 +277,20 @@ def export_command(
         if model is None:
             raise QoptError("--strategy needs --model")
         parsed, settings = Strategy.load(strategy), EvalSettings()
+    if format == "gguf":
+        from qopt.measure import export_gguf_file
+
+        summary = export_gguf_file(
+            output, parsed, model, data=data, settings=settings, device=device, dtype=dtype, force=force, on_note=_note
+        )
+        types = ", ".join(f"{n} {t}" for t, n in sorted(summary["types"].items()))
+        typer.echo(
+            f"wrote {output}: {parsed.name or 'strategy'}, {summary['file_bytes']:,} bytes; block matrices "
+            f"{summary['bpw']:.3f} bits per weight as stored ({types})"
+        )
+        return
+    if format != "qopt":
+        raise QoptError(f"--format must be qopt or gguf, got {format!r}")
     written = export(
         output, parsed, model, data=data, settings=settings, device=device, dtype=dtype, force=force, on_note=_note
     )

@@ -132,6 +132,42 @@ def export(
     return Export(strategy, manifest, len(types), sum(bool(t.lost) for t in types))
 
 
+def export_gguf_file(
+    output: Path,
+    strategy: Strategy,
+    model: str,
+    *,
+    data: str | None = None,
+    settings: EvalSettings | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    force: bool = False,
+    on_note: Note | None = None,
+) -> dict[str, Any]:
+    """Write `strategy` applied to `model` as one GGUF file that llama.cpp runs, with qopt's
+    own codes and scales (`qopt.gguf_export`). An existing `output` is refused unless
+    `force`; the file appears whole or not at all."""
+    from qopt.gguf_export import export_gguf
+    from qopt.quantizer import Quantizer
+
+    output = Path(output).expanduser()
+    if output.is_dir():
+        raise QoptError(f"output {output} is a folder; give a file path ending in .gguf")
+    if output.exists() and not force:
+        raise QoptError(f"output {output} exists; pass --force to replace it")
+    if output.resolve() == Path(model).expanduser().resolve():
+        raise QoptError(f"output {output} is the source model; write elsewhere")
+    if not output.parent.is_dir():
+        raise QoptError(f"cannot write {output}: folder {output.parent} does not exist")
+    settings = settings or EvalSettings()
+    lm = _load(model, device, dtype, on_note)
+    quantizer = Evaluator.from_text(lm, load_text(data), settings).quantizer if data is not None else Quantizer(lm)
+    try:
+        return export_gguf(quantizer, strategy, output, seed=settings.seed)
+    except OSError as exc:
+        raise QoptError(f"cannot write {output}: {exc.strerror or exc}") from None
+
+
 def evaluator_for(
     model: str,
     data: str,

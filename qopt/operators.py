@@ -182,7 +182,7 @@ def refine(parent: Genome, space: SearchSpace, rng: np.random.RandomState, targe
         lambda g: change_scheme(g, space, rng),
         lambda g: broadcast_genes(g, space, rng),
     )
-    weights = np.array([0.45, 0.45, 0.1])
+    weights = np.array([0.35, 0.35, 0.3])
     child = parent
     for _ in range(20):  # a move can be a no-op (a clamped ladder, the same value redrawn)
         child = dict(parent)

@@ -57,6 +57,8 @@ class SearchConfig:
     `entropy` controls the initial population: each genome starts from one
     random default config; every (group, family) pair is redrawn independently
     with probability `entropy` (0 = uniform strategies, 1 = independent layers).
+    `deploy` (e.g. "llamacpp") keeps every gene to what that serving target
+    stores exactly (`qopt.deploy`), so the whole front is exportable to it.
     """
 
     resolution: str = "module"
@@ -65,6 +67,7 @@ class SearchConfig:
     group_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
     base: LayerConfig = field(default_factory=lambda: FP16.evolve(bits=4, group_size=64))
     entropy: float = 0.3
+    deploy: str | None = None
 
     def __post_init__(self) -> None:
         if self.resolution not in RESOLUTIONS:
@@ -79,6 +82,22 @@ class SearchConfig:
             raise QoptError(f"search.entropy: {self.entropy} is not in [0, 1]")
         if any(not 16 <= g <= 256 for g in self.group_sizes):
             raise QoptError(f"search.group_sizes: {list(self.group_sizes)} must lie in [16, 256]")
+        if self.deploy is not None:
+            from qopt import deploy
+
+            if self.deploy not in deploy.TARGETS:
+                raise QoptError(f"search.deploy: {self.deploy!r} is not one of {', '.join(deploy.TARGETS)}")
+            stored = deploy.limits(self.deploy, [], {})
+            if not set(self.bits) & (set(stored["bits"]) - {UNQUANTIZED_BITS}):
+                widths = ", ".join(map(str, stored["bits"]))
+                raise QoptError(
+                    f"search.bits: {list(self.bits)} has none of the widths {self.deploy} stores ({widths})"
+                )
+            if not set(self.group_sizes) & set(stored["group_size"]):
+                raise QoptError(
+                    f"search.group_sizes: {list(self.group_sizes)} lacks {stored['group_size'][0]}, "
+                    f"which {self.deploy} needs"
+                )
 
 
 @dataclass(frozen=True)
@@ -125,14 +144,24 @@ class SearchSpace:
         """Every parameter any genome can have, with its distribution."""
         return {name: dist for table in self._tables.values() for name, dist in table.items()}
 
-    def _limits(self, group: GeneGroup) -> dict[str, tuple[Any, ...]]:
+    def _limits(self, group: GeneGroup, genes: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, ...]]:
         """What this search allows a group beyond each gene's own values: the bit
-        ladder, the group sizes that fit the group's layers (none: no groups)."""
-        return {
+        ladder, the group sizes that fit the group's layers (none: no groups), and
+        a deployment target's limits given the genes chosen so far (`genes`)."""
+        limits = {
             "bits": tuple(self.config.bits),
             "group_size": group.group_sizes,
             "granularity": GRANULARITIES if group.group_sizes else tuple(g for g in GRANULARITIES if g != "group"),
         }
+        if self.config.deploy is not None:
+            from qopt import deploy
+
+            target = deploy.limits(self.config.deploy, [u.in_features for u in group.units], genes or {})
+            if not set(target["group_size"]) & set(group.group_sizes):
+                target["bits"] = (UNQUANTIZED_BITS,)
+            for name, allowed in target.items():
+                limits[name] = tuple(v for v in limits[name] if v in allowed) if name in limits else allowed
+        return limits
 
     def _group_table(self, group: GeneGroup) -> dict[str, BaseDistribution]:
         """The Optuna parameters of one group's searched genes (`{group}.{param}` -> distribution)."""
@@ -144,10 +173,13 @@ class SearchSpace:
             if gene.param_key:  # choices depend on an earlier gene: one parameter per value of it
                 for key_value in limits.get(gene.param_key, ()):
                     choices = gene.choices({gene.param_key: key_value})
+                    choices = tuple(c for c in choices if c in limits.get(gene.name, choices))
                     if key_value != UNQUANTIZED_BITS and len(choices) > 1:
                         table[gene.param({gene.param_key: key_value})] = CategoricalDistribution(choices)
             elif gene.categorical:
-                table[gene.name] = CategoricalDistribution(limits.get(gene.name, gene.values))
+                choices = tuple(c for c in gene.values if c in limits.get(gene.name, gene.values))
+                if len(choices) > 1:
+                    table[gene.name] = CategoricalDistribution(choices)
             elif gene.search is not None:
                 low, high, log = gene.search
                 table[gene.name] = FloatDistribution(low, high, log=log)
@@ -192,6 +224,8 @@ class SearchSpace:
         for gene in self.genes:
             if not gene.exists(values):
                 continue
+            if self.config.deploy is not None:  # a target's limits may depend on the genes before
+                limits = self._limits(group, values)
             values[gene.name] = _nearest_allowed(gene, given.get(gene.name, gene.default), values, limits)
             if gene.name == "bits" and values["bits"] == UNQUANTIZED_BITS:
                 return self.unquantized
@@ -395,7 +429,9 @@ class SearchSpace:
                 options.append({**genes, "granularity": "tensor"})
             if config.format == "int" and not config.symmetric:
                 options.append({**genes, "symmetric": True})
-        return [self.repair(o, group) for o in options]
+        current = self._group_bits(config, group)
+        repaired = [self.repair(o, group) for o in options]  # a target's limits may undo an edit
+        return [o for o in repaired if self._group_bits(o, group) < current]
 
 
 def _without_side_data(config: LayerConfig) -> dict[str, Any]:

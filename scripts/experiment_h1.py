@@ -4,21 +4,27 @@ true bits per weight?
 On one model and one text (default: the demo study's, stories260K on TinyStories):
 1. every baseline — RTN, GPTQ, AWQ, HQQ; symmetric and asymmetric; per-channel and
    the group sizes the model allows — at 2, 3, 4 and 8 bits;
-2. qopt's search with the full genome, and as an ablation the bits-only genome
+2. the sensitivity-based allocator (`qopt.allocate`, per-layer KL on all search
+   windows) at each budget: the strongest non-search competitor;
+3. qopt's search with the full genome, and as an ablation the bits-only genome
    (per-layer bit-width over fixed GPTQ rounding: the EvoPress-style space), each
    with 3 seeds and the same trial budget, budget 4.25 bpw, both starting from the
-   same GPTQ base config;
-3. every front member and every baseline measured on the evaluation part (text
+   same GPTQ base config, no seeds;
+4. the product as shipped: the config's own study (`studies/stories260k.yaml`:
+   human schemes and the allocator as seeds, refinement at 3.25 and 4.25 bpw),
+   3 seeds, the config's trial count; its answer at a budget is what `qopt study
+   best` returns (the 5 best by search KL, re-ranked on the validation part);
+5. every front member and every baseline measured on the evaluation part (text
    no search saw);
-4. for budgets 2.5, 3.0, 3.25 and 4.25 bpw: the best baseline and the best member
-   of each search's front at or under the budget — each chosen by its search-part
-   KL, as a user without the held-out text would choose — and their held-out KL,
-   perplexity and top-1 (searches: mean ± half the range over seeds).
+6. for budgets 2.5, 3.0, 3.25 and 4.25 bpw: the best baseline and the best member
+   of each search's front at or under the budget — each chosen without the
+   held-out text, as a user would choose — and their held-out KL, perplexity and
+   top-1 (searches: mean ± half the range over seeds, and every seed's KL).
 
 Writes `docs/results/<model>.md` and `docs/results/<model>-fronts.html` (plotly, the
 library loaded from its CDN to keep the file small). Studies go to `runs/h1/`.
 
-    python scripts/experiment_h1.py            # the committed run (14 min on 2 cores)
+    python scripts/experiment_h1.py            # the committed run
     python scripts/experiment_h1.py --quick    # a smoke run: fewer trials, seeds and baselines
 """
 
@@ -38,6 +44,7 @@ import torch
 
 from qopt import baselines as qbaselines
 from qopt import study as qstudy
+from qopt.allocate import allocate, measure_costs, menu
 from qopt.data import load_text
 from qopt.evaluate import Evaluator
 from qopt.model import load_model
@@ -45,6 +52,11 @@ from qopt.strategy import LayerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (2.5, 3.0, 3.25, 4.25)
+SEARCHES = (
+    ("bits-only", "bits-only search"),
+    ("full", "full search, unseeded"),
+    ("seeded", "seeded + refinement (the shipped config)"),
+)
 SEARCH_BUDGET = max(BUDGETS)
 BASE = {"bits": 4, "granularity": "group", "group_size": 64, "symmetric": False, "rounding": "gptq"}
 
@@ -53,7 +65,7 @@ BASE = {"bits": 4, "granularity": "group", "group_size": 64, "symmetric": False,
 class Point:
     """One measured strategy: where it came from, its bpw, search KL and held-out metrics."""
 
-    source: str  # "baseline", "bits-only", "full"
+    source: str  # "baseline", "allocator", "bits-only", "full", "seeded"
     label: str
     seed: int | None
     bpw: float
@@ -77,10 +89,13 @@ def measure_baselines(config: qstudy.StudyConfig, quick: bool) -> list[Point]:
         for group in groups
         for symmetric in ((False,) if method == "hqq" else (False, True))
     ]
+    costs = measure_costs(evaluator, menu(qbaselines.fitting_group_size(lm.units)))
+    chosen += [qbaselines.Allocation(b, allocate(costs, b)) for b in BUDGETS]
     points = []
     for result in qbaselines.run(evaluator, chosen):
         h = result.held_out
-        points.append(Point("baseline", result.strategy.name, None, h.bpw, result.search.kl, h.kl, h.ppl, h.top1))
+        source = "allocator" if isinstance(result.scheme, qbaselines.Allocation) else "baseline"
+        points.append(Point(source, result.strategy.name, None, h.bpw, result.search.kl, h.kl, h.ppl, h.top1))
     return points
 
 
@@ -107,6 +122,32 @@ def run_search(config: qstudy.StudyConfig, name: str, url: str, trials: int, sou
     ]
 
 
+def run_seeded(config: qstudy.StudyConfig, name: str, url: str, trials: int) -> list[Point]:
+    """The shipped study config at one seed; per budget, the point `qopt study best` returns."""
+    try:
+        optuna.delete_study(study_name=name, storage=url)
+    except KeyError:
+        pass
+    qstudy.create(name, config, url)
+    start = time.perf_counter()
+    qstudy.launch(name, n_trials=trials, url=url, progress=True)
+    print(f"  {name}: {trials} trials in {time.perf_counter() - start:.0f} s")
+    study, _ = qstudy.load(name, url)
+    run = qstudy.SearchRun(config)
+    points = []
+    for budget in BUDGETS:
+        try:
+            trial, _ = qstudy.best(name, budget, url, candidates=5)
+        except Exception:  # noqa: BLE001 - nothing under this budget
+            continue
+        h = run.measure_held_out(study, trial)
+        label = f"trial {trial.number} (≤ {budget})"
+        points.append(
+            Point("seeded", label, config.seed, trial.user_attrs["bpw"], trial.values[0], h["kl"], h["ppl"], h["top1"])
+        )
+    return points
+
+
 def best_under(points: list[Point], budget: float) -> Point | None:
     """The point with the lowest search-part KL at or under `budget` bpw."""
     fitting = [p for p in points if p.bpw <= budget + 1e-9]
@@ -124,35 +165,55 @@ def report(
     lines = [
         f"# H1 on {model}: searched strategies vs human-designed schemes",
         "",
-        f"`{command}` — {minutes:.0f} min on {torch.get_num_threads()} CPU threads. Searches: {trials} "
+        f"`{command}` — {minutes:.0f} min on {torch.get_num_threads()} CPU threads. Unseeded searches: {trials} "
         f"trials each, seeds {seeds}, budget {SEARCH_BUDGET} bpw, base config `{genes}`, no human scheme "
         "as a seed; the bits-only space searches only per-layer bit-widths over that base (the "
-        "EvoPress-style ablation). All metrics below are on the evaluation part, which no search and no "
-        "calibration saw; every strategy was *chosen* by its search-part KL.",
+        "EvoPress-style ablation). The shipped config (`studies/stories260k.yaml`, as `make demo` runs it) "
+        "seeds its study with the human schemes and the allocator and refines at 3.25 and 4.25 bpw; its "
+        "row is what `qopt study best --max-bpw B` returns (the 5 best by search KL, re-ranked on the "
+        "validation part). The allocator chooses per layer among bits 2-8 x {per-channel sym, g64 asym} x "
+        "{RTN, GPTQ} by per-layer KL on all search windows. All metrics below are on the evaluation "
+        "part, which no search, no allocator and no calibration saw.",
         "",
     ]
     for budget in BUDGETS:
         lines += [
             f"## ≤ {budget} bpw",
             "",
-            "| strategy | bpw | eval KL (nats/token) | eval perplexity | eval top-1 |",
-            "|---|---:|---:|---:|---:|",
+            "| strategy | bpw | eval KL (nats/token) | eval perplexity | eval top-1 | eval KL (search KL), each seed |",
+            "|---|---:|---:|---:|---:|---|",
         ]
         base = best_under([p for p in points if p.source == "baseline"], budget)
         if base is not None:
+            b = base
             lines.append(
-                f"| best baseline: {base.label} | {base.bpw:.3f} | {base.kl:.4f} | {base.ppl:.3f} | {base.top1:.1%} |"
+                f"| best baseline: {b.label} | {b.bpw:.3f} | {b.kl:.4f} | {b.ppl:.3f} | {b.top1:.1%} "
+                f"| ({b.search_kl:.4f}) |"
             )
-        for source in ("bits-only", "full"):
-            chosen = [best_under([p for p in points if p.source == source and p.seed == s], budget) for s in seeds]
+        name = f"Allocator {budget:g} bpw"
+        a = next((p for p in points if p.source == "allocator" and p.label == name), None)
+        if a is not None:
+            lines.append(f"| allocator | {a.bpw:.3f} | {a.kl:.4f} | {a.ppl:.3f} | {a.top1:.1%} | ({a.search_kl:.4f}) |")
+        for source, title in SEARCHES:
+            if source == "seeded":
+                chosen = [
+                    next(
+                        (p for p in points if p.source == source and p.seed == s and p.label.endswith(f"(≤ {budget})")),
+                        None,
+                    )
+                    for s in seeds
+                ]
+            else:
+                chosen = [best_under([p for p in points if p.source == source and p.seed == s], budget) for s in seeds]
             found = [p for p in chosen if p is not None]
             if not found:
-                lines.append(f"| {source} search | – | none under the budget | | |")
+                lines.append(f"| {title} | – | none under the budget | | | |")
                 continue
             lines.append(
-                f"| {source} search ({len(found)} of {len(seeds)} seeds) | {_spread([p.bpw for p in found])} | "
+                f"| {title} ({len(found)} of {len(seeds)} seeds) | {_spread([p.bpw for p in found])} | "
                 f"{_spread([p.kl for p in found])} | {_spread([p.ppl for p in found])} | "
-                f"{_spread([100 * p.top1 for p in found])}% |"
+                f"{_spread([100 * p.top1 for p in found])}% | "
+                f"{', '.join(f'{p.kl:.4f} ({p.search_kl:.4f})' for p in found)} |"
             )
         lines.append("")
     lines += ["## All baselines", "", "| scheme | bpw | search KL | eval KL | eval ppl | eval top-1 |"]
@@ -164,8 +225,8 @@ def report(
 
 def figure(model: str, points: list[Point]) -> go.Figure:
     fig = go.Figure()
-    colors = {"bits-only": "#2ca02c", "full": "#1f77b4"}
-    for source in ("bits-only", "full"):
+    colors = {"bits-only": "#2ca02c", "full": "#1f77b4", "seeded": "#9467bd"}
+    for source in ("bits-only", "full", "seeded"):
         for seed in sorted({p.seed for p in points if p.source == source}):
             front = sorted((p for p in points if p.source == source and p.seed == seed), key=lambda p: p.bpw)
             fig.add_trace(
@@ -179,6 +240,17 @@ def figure(model: str, points: list[Point]) -> go.Figure:
                     text=[p.label for p in front],
                 )
             )
+    allocated = sorted((p for p in points if p.source == "allocator"), key=lambda p: p.bpw)
+    fig.add_trace(
+        go.Scatter(
+            x=[p.bpw for p in allocated],
+            y=[p.kl for p in allocated],
+            mode="markers",
+            name="allocator",
+            marker=dict(color="#ff7f0e", symbol="square", size=9),
+            text=[p.label for p in allocated],
+        )
+    )
     base = [p for p in points if p.source == "baseline"]
     fig.add_trace(
         go.Scatter(
@@ -208,6 +280,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "studies" / "stories260k.yaml"), help="model, data, settings")
     parser.add_argument("--trials", type=int, default=None, help="trials per search (default 800; quick 80)")
+    parser.add_argument(
+        "--seeded-trials",
+        type=int,
+        default=None,
+        help="trials of each shipped-config study (default 1000, as make demo)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 80 trials, 2 seeds, RTN/GPTQ at 3-4 bits")
     parser.add_argument("--name", default="stories260k", help="report name under docs/results/")
     parser.add_argument(
@@ -239,6 +317,9 @@ def main() -> None:
         for seed in seeds:
             config = search_config(base, families, seed, genes)
             points += run_search(config, f"h1-{source}-{seed}", url, trials, source)
+    shipped = args.seeded_trials or (80 if args.quick else 1000)
+    for seed in seeds:
+        points += run_seeded(dataclasses.replace(base, seed=seed), f"h1-seeded-{seed}", url, shipped)
 
     out = ROOT / "docs" / "results"
     out.mkdir(parents=True, exist_ok=True)
