@@ -18,7 +18,9 @@ LayerConfig per gene group) and returning a new, valid one:
 - `crossover`: each group's whole config from one parent or the other, so
   genes that work together within a layer stay together;
 - `refine`: a few local moves (bit exchanges, one group's scheme, one gene
-  unit everywhere) from one strong member, fitted to a target bpw.
+  unit everywhere) from one strong member, fitted to a target bpw;
+- `scheme_sweep`: every value of every gene unit set on all layers of the
+  best member at a target, one child each (coordinate search over schemes).
 
 `GenomeVariation` composes them with rates from `VariationConfig` and is
 Optuna's `child_generation_strategy`; `GenomeSampler` is NSGA-II whose
@@ -170,6 +172,29 @@ def change_scheme(genome: Genome, space: SearchSpace, rng: np.random.RandomState
     return {**genome, group.name: space.replace_genes(genome[group.name], donor, names, group)}
 
 
+def scheme_sweep(genome: Genome, space: SearchSpace, rng: np.random.RandomState, target_bpw: float) -> list[Genome]:
+    """Each searched gene unit set to each of its values on every quantized group at once
+    (a human's "try MSE clipping everywhere", "try GPTQ everywhere"), fitted to `target_bpw`;
+    the distinct children that differ from `genome`, in gene-table order."""
+    children: list[Genome] = []
+    for unit, names in space.gene_units.items():
+        lead = space.gene(names[0])
+        if space.unit_family[unit] not in space.config.families or not lead.categorical:
+            continue
+        for value in lead.values:
+            child = {}
+            for group in space.groups:
+                config = genome[group.name]
+                if config.quantizes_weights:
+                    donor = space.repair({**config.to_dict(), lead.name: value}, group)
+                    config = space.replace_genes(config, donor, names, group)
+                child[group.name] = config
+            child = space.fit_budget(child, target_bpw, rng)
+            if child != genome and child not in children:
+                children.append(child)
+    return children
+
+
 def refine(parent: Genome, space: SearchSpace, rng: np.random.RandomState, target_bpw: float) -> Genome:
     """A local step from a strong member: one to three moves, then fitted to `target_bpw`.
 
@@ -293,9 +318,12 @@ class GenomeSampler(NSGAIISampler):
     def _refined(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any] | None:
         """Params of a refinement child at a random target (None: nothing completed fits it yet).
 
-        The parent is one of the five best completed trials at or under the target by the
-        first objective (the best most often); a child that repeats any trial's params is
-        drawn again. The trial records `refined_from` (the parent's number) and `refine_target`.
+        Half the time, while the best trial at or under the target has an untried
+        `scheme_sweep` child, that child is next (the sweep runs again whenever the best
+        changes). Otherwise the parent is one of the five best completed trials at or under
+        the target by the first objective (the best most often) and the child is a `refine`
+        step; a child that repeats any trial's params is drawn again. The trial records
+        `refined_from` (the parent's number) and `refine_target`.
         """
         rng = self._genome_rng
         target = self._targets[rng.randint(len(self._targets))]
@@ -306,14 +334,23 @@ class GenomeSampler(NSGAIISampler):
         )[:5]
         if not fitting:
             return None
-        weights = 1.0 / np.arange(1, len(fitting) + 1)
-        parent = fitting[rng.choice(len(fitting), p=weights / weights.sum())]
         seen = {tuple(sorted(t.params.items())) for t in trials}
-        genome = self._space.decode(parent.params)
-        for _ in range(10):
-            params = self._space.encode(refine(genome, self._space, rng, target))
-            if tuple(sorted(params.items())) not in seen:
-                break
+        params = None
+        if rng.random_sample() < 0.5:
+            parent = fitting[0]
+            for child in scheme_sweep(self._space.decode(parent.params), self._space, rng, target):
+                candidate = self._space.encode(child)
+                if tuple(sorted(candidate.items())) not in seen:
+                    params = candidate
+                    break
+        if params is None:
+            weights = 1.0 / np.arange(1, len(fitting) + 1)
+            parent = fitting[rng.choice(len(fitting), p=weights / weights.sum())]
+            genome = self._space.decode(parent.params)
+            for _ in range(10):
+                params = self._space.encode(refine(genome, self._space, rng, target))
+                if tuple(sorted(params.items())) not in seen:
+                    break
         study._storage.set_trial_user_attr(trial._trial_id, REFINED_FROM, parent.number)
         study._storage.set_trial_user_attr(trial._trial_id, REFINE_TARGET, target)
         return params

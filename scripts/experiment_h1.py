@@ -284,7 +284,7 @@ def main() -> None:
         "--seeded-trials",
         type=int,
         default=None,
-        help="trials of each shipped-config study (default 1000, as make demo)",
+        help="trials of each shipped-config study (default 450, as make demo)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 80 trials, 2 seeds, RTN/GPTQ at 3-4 bits")
     parser.add_argument("--name", default="stories260k", help="report name under docs/results/")
@@ -317,7 +317,7 @@ def main() -> None:
         for seed in seeds:
             config = search_config(base, families, seed, genes)
             points += run_search(config, f"h1-{source}-{seed}", url, trials, source)
-    shipped = args.seeded_trials or (80 if args.quick else 1000)
+    shipped = args.seeded_trials or (80 if args.quick else 450)
     for seed in seeds:
         points += run_seeded(dataclasses.replace(base, seed=seed), f"h1-seeded-{seed}", url, shipped)
 

@@ -119,6 +119,10 @@ def test_exported_gguf_runs_in_llama_cpp_with_qopts_perplexity(tmp_path, stories
     assert engine == pytest.approx(measured.ppl, rel=0.01)
     # and it is the strategy's own perplexity, not the unquantized model's
     assert abs(engine - measured.fp_ppl) > 2 * abs(engine - measured.ppl)
+    # qopt reads the file back (transformers dequantizes it): unquantized, it is the strategy
+    again = load_model(str(tmp_path / "m.gguf"), device="cpu")
+    reread = Evaluator(again, split, evaluator.settings).evaluate(Strategy(), "eval")
+    assert reread.ppl == pytest.approx(measured.ppl, rel=1e-3)
 
 
 def test_smollm2_gguf_runs_in_llama_cpp_with_qopts_perplexity(tmp_path, smollm2):
@@ -161,3 +165,28 @@ def test_a_deploy_space_only_holds_exportable_genomes(seed):
     assert space.min_bpw() == pytest.approx(space.bpw(space.fit_budget(genomes[0], 0.1, rng)))
     with pytest.raises(QoptError, match="has none of the widths llamacpp stores"):
         SearchConfig(bits=(2, 3), deploy="llamacpp")
+
+
+def test_export_command_writes_a_gguf_from_a_deploy_study_and_refuses_bad_output(
+    monkeypatch, capsys, tmp_path, tiny_llama_dir, small_text
+):
+    from tests.test_cli import run, tiny_study
+
+    settings = "budget_bpw: 9\nbaselines: [4]\n"
+    storage = tiny_study(monkeypatch, capsys, tmp_path, tiny_llama_dir, small_text, settings, 6)
+    code, _, err = run(monkeypatch, capsys, "export", "s", "--trial", "0", "--storage", storage,
+                       "--format", "gguf", "-o", str(tmp_path / "m.gguf"))  # fmt: skip
+    assert code == 0, err
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2} == {"Q4_1"}
+    again = ["export", "s", "--trial", "0", "--storage", storage, "--format", "gguf", "-o", str(tmp_path / "m.gguf")]
+    code, _, err = run(monkeypatch, capsys, *again)
+    assert code == 2 and "exists; pass --force" in err
+    code, _, err = run(monkeypatch, capsys, *again[:-2], "-o", str(tmp_path / "x.onnx"), "--format", "onnx")
+    assert code == 2 and "--format must be qopt or gguf" in err
+    strategy = tmp_path / "chan.yaml"
+    Strategy(default=FP16.evolve(bits=4, granularity="channel", group_size=None)).save(strategy)
+    code, _, err = run(monkeypatch, capsys, "export", "--strategy", str(strategy), "--model", str(tiny_llama_dir),
+                       "--format", "gguf", "-o", str(tmp_path / "c.gguf"))  # fmt: skip
+    assert code == 2 and "have no GGUF type that stores their config exactly" in err
+    assert not (tmp_path / "c.gguf").exists() and not list(tmp_path.glob(".c.gguf*"))

@@ -19,6 +19,7 @@ from qopt.operators import (
     perturb_bits,
     refine,
     replace_family,
+    scheme_sweep,
     swap_layers,
     toggle_outliers,
 )
@@ -159,6 +160,19 @@ def test_refine_makes_a_new_child_within_the_target(space, seed, target):
     assert child != parent
     assert space.bpw(child) <= target
     assert space.decode(space.encode(child)) == child  # a valid, storable genome
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_scheme_sweep_sets_one_unit_everywhere_within_the_target(space, seed):
+    rng = np.random.RandomState(seed)
+    genome = space.fit_budget(_genome(space, seed), 4.25, rng)
+    children = scheme_sweep(genome, space, rng, 4.25)
+    assert children and all(c != genome for c in children)
+    assert len({tuple(sorted(space.encode(c).items())) for c in children}) == len(children)  # distinct
+    for child in children:
+        assert space.bpw(child) <= 4.25
+    # somewhere in the sweep, every quantized layer uses GPTQ (the whole-model scheme a human tries)
+    assert any(all(c.rounding == "gptq" for c in child.values() if c.quantizes_weights) for child in children)
 
 
 def test_a_new_gene_is_validated_labelled_serialised_and_searched():
