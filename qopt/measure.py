@@ -114,7 +114,6 @@ def export(
     from qopt.export import export_checkpoint
     from qopt.io import check_output, fresh_folder
     from qopt.llamacpp import override_file, tensor_types
-    from qopt.quantizer import Quantizer
 
     settings = settings or EvalSettings()
     source_path = Path(model).expanduser()
@@ -122,8 +121,8 @@ def export(
     if source_path.is_file():  # a .gguf file: its folder holds the source
         protected = [source_path.parent]
     check_output(output, force=force, protected=protected)  # refuse a bad output before loading anything
-    lm = _load(model, device, dtype, on_note)
-    quantizer = Evaluator.from_text(lm, load_text(data), settings).quantizer if data is not None else Quantizer(lm)
+    quantizer = _quantizer(model, data, settings, device, dtype, on_note)
+    lm = quantizer.lm
     source = {"data": data, "eval": dataclasses.asdict(settings)} if data is not None else {}
     with fresh_folder(output, force=force, protected=protected) as folder:
         manifest = export_checkpoint(quantizer, strategy, folder, seed=settings.seed, source=source)
@@ -148,7 +147,6 @@ def export_gguf_file(
     own codes and scales (`qopt.gguf_export`). An existing `output` is refused unless
     `force`; the file appears whole or not at all."""
     from qopt.gguf_export import export_gguf
-    from qopt.quantizer import Quantizer
 
     output = Path(output).expanduser()
     if output.is_dir():
@@ -160,12 +158,19 @@ def export_gguf_file(
     if not output.parent.is_dir():
         raise QoptError(f"cannot write {output}: folder {output.parent} does not exist")
     settings = settings or EvalSettings()
-    lm = _load(model, device, dtype, on_note)
-    quantizer = Evaluator.from_text(lm, load_text(data), settings).quantizer if data is not None else Quantizer(lm)
+    quantizer = _quantizer(model, data, settings, device, dtype, on_note)
     try:
         return export_gguf(quantizer, strategy, output, seed=settings.seed)
     except OSError as exc:
         raise QoptError(f"cannot write {output}: {exc.strerror or exc}") from None
+
+
+def _quantizer(model: str, data: str | None, settings: EvalSettings, device, dtype: str, on_note: Note | None):
+    """The loaded model's quantizer, calibrated on `data` when given (GPTQ, AWQ, smoothing need it)."""
+    from qopt.quantizer import Quantizer
+
+    lm = _load(model, device, dtype, on_note)
+    return Evaluator.from_text(lm, load_text(data), settings).quantizer if data is not None else Quantizer(lm)
 
 
 def evaluator_for(

@@ -24,6 +24,7 @@ from pathlib import Path
 import gguf
 import optuna
 import torch
+from experiment_h1 import fresh_launch  # scripts/ is on the path when this file runs
 
 from qopt import study as qstudy
 from qopt.engine import llamacpp_perplexity
@@ -53,14 +54,7 @@ def file_bpw(path: Path) -> tuple[float, dict[str, int]]:
 def check(name: str, config_path: Path, trials: int, max_bpw: float, url: str, out: Path) -> dict:
     config = qstudy.StudyConfig.load(config_path)
     study_name = f"deploy-{name}"
-    try:
-        optuna.delete_study(study_name=study_name, storage=url)
-    except KeyError:
-        pass
-    qstudy.create(study_name, config, url)
-    start = time.perf_counter()
-    qstudy.launch(study_name, n_trials=trials, url=url, progress=True)
-    search_s = time.perf_counter() - start
+    search_s = fresh_launch(config, study_name, url, trials)
     trial, strategy = qstudy.best(study_name, max_bpw, url, candidates=5)
     path = out / f"{name}-best.gguf"
     export_gguf_file(path, strategy, config.model, data=config.data, settings=config.eval, force=True)

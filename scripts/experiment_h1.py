@@ -104,16 +104,21 @@ def search_config(base: qstudy.StudyConfig, families: tuple[str, ...], seed: int
     return dataclasses.replace(base, budget_bpw=SEARCH_BUDGET, seed=seed, baselines=(), search=search)
 
 
-def run_search(config: qstudy.StudyConfig, name: str, url: str, trials: int, source: str) -> list[Point]:
-    """Create and run one study; measure its feasible front on the evaluation part."""
+def fresh_launch(config: qstudy.StudyConfig, name: str, url: str, trials: int) -> float:
+    """Create study `name` afresh (a rerun starts clean) and run `trials`; returns the seconds taken."""
     try:
-        optuna.delete_study(study_name=name, storage=url)  # a rerun starts clean
+        optuna.delete_study(study_name=name, storage=url)
     except KeyError:
         pass
     qstudy.create(name, config, url)
     start = time.perf_counter()
     qstudy.launch(name, n_trials=trials, url=url, progress=True)
-    seconds = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def run_search(config: qstudy.StudyConfig, name: str, url: str, trials: int, source: str) -> list[Point]:
+    """Create and run one study; measure its feasible front on the evaluation part."""
+    seconds = fresh_launch(config, name, url, trials)
     members = qstudy.front(name, url, with_baselines=False)
     print(f"  {name}: {trials} trials in {seconds:.0f} s, {len(members)} on the front")
     return [
@@ -124,14 +129,8 @@ def run_search(config: qstudy.StudyConfig, name: str, url: str, trials: int, sou
 
 def run_seeded(config: qstudy.StudyConfig, name: str, url: str, trials: int) -> list[Point]:
     """The shipped study config at one seed; per budget, the point `qopt study best` returns."""
-    try:
-        optuna.delete_study(study_name=name, storage=url)
-    except KeyError:
-        pass
-    qstudy.create(name, config, url)
-    start = time.perf_counter()
-    qstudy.launch(name, n_trials=trials, url=url, progress=True)
-    print(f"  {name}: {trials} trials in {time.perf_counter() - start:.0f} s")
+    seconds = fresh_launch(config, name, url, trials)
+    print(f"  {name}: {trials} trials in {seconds:.0f} s")
     study, _ = qstudy.load(name, url)
     run = qstudy.SearchRun(config)
     points = []
@@ -241,26 +240,9 @@ def figure(model: str, points: list[Point]) -> go.Figure:
                 )
             )
     allocated = sorted((p for p in points if p.source == "allocator"), key=lambda p: p.bpw)
-    fig.add_trace(
-        go.Scatter(
-            x=[p.bpw for p in allocated],
-            y=[p.kl for p in allocated],
-            mode="markers",
-            name="allocator",
-            marker=dict(color="#ff7f0e", symbol="square", size=9),
-            text=[p.label for p in allocated],
-        )
-    )
-    base = [p for p in points if p.source == "baseline"]
-    fig.add_trace(
-        go.Scatter(
-            x=[p.bpw for p in base],
-            y=[p.kl for p in base],
-            mode="markers",
-            name="baselines (RTN, GPTQ, AWQ, HQQ)",
-            marker=dict(color="#d62728", symbol="diamond", size=9),
-            text=[p.label for p in base],
-        )
+    _markers(fig, allocated, "allocator", "#ff7f0e", "square")
+    _markers(
+        fig, [p for p in points if p.source == "baseline"], "baselines (RTN, GPTQ, AWQ, HQQ)", "#d62728", "diamond"
     )
     for budget in BUDGETS:
         fig.add_vline(x=budget, line_dash="dot", line_color="#999")
@@ -274,6 +256,19 @@ def figure(model: str, points: list[Point]) -> go.Figure:
         height=650,
     )
     return fig
+
+
+def _markers(fig: go.Figure, points: list[Point], name: str, color: str, symbol: str) -> None:
+    fig.add_trace(
+        go.Scatter(
+            x=[p.bpw for p in points],
+            y=[p.kl for p in points],
+            mode="markers",
+            name=name,
+            marker=dict(color=color, symbol=symbol, size=9),
+            text=[p.label for p in points],
+        )
+    )
 
 
 def main() -> None:
