@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   install, then run a 450-trial study on the shared stories260K model (SQLite)
-#   make test   install (with the llamacpp extra), then run the test suite (what .ci/run calls)
+#   make test   install (with the llamacpp and compressed-tensors extras), then run the tests (.ci/run)
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -22,15 +22,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test,postgres,dashboard]"
 	touch $@
 
-# llama-cpp-python (the `llamacpp` extra) builds llama.cpp from source on first install: several
-# minutes on 2 cores, then pip's wheel cache makes it seconds. Only the tests need it.
+# The serving extras the tests check exports against: llama-cpp-python (`llamacpp`) builds
+# llama.cpp from source on first install, several minutes on 2 cores, then pip's wheel cache
+# makes it seconds; compressed-tensors is a plain wheel.
 LLAMACPP_CMAKE ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-$(VENV)/.llamacpp: $(VENV)/.installed
-	CMAKE_ARGS="$(LLAMACPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e ".[llamacpp]"
+$(VENV)/.engines: $(VENV)/.installed pyproject.toml
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PY) -m pip install -q -e ".[llamacpp,compressed-tensors]"
 	touch $@
 
-test: install $(VENV)/.llamacpp
+test: install $(VENV)/.engines
 	$(PY) -m pytest
 
 lint: install

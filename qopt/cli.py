@@ -241,7 +241,8 @@ def export_command(
             "--format",
             "-f",
             help="qopt: a packed checkpoint folder; gguf: one .gguf file for llama.cpp holding qopt's own codes "
-            "(int4/int5 g32 either way, int8 g32 symmetric, 16-bit; anything else is refused, naming the matrices).",
+            "(int4/int5 g32 either way, int8 g32 symmetric, 16-bit); compressed-tensors: a folder vLLM and "
+            "transformers load (INT 2-8 bits, tensor/channel/group scales). What a format cannot hold is refused.",
         ),
     ] = "qopt",
 ) -> None:
@@ -289,8 +290,17 @@ def export_command(
             f"{summary['bpw']:.3f} bits per weight as stored ({types})"
         )
         return
+    if format == "compressed-tensors":
+        from qopt.measure import export_compressed_tensors_folder
+
+        summary = export_compressed_tensors_folder(
+            output, parsed, model, data=data, settings=settings, device=device, dtype=dtype, force=force, on_note=_note
+        )
+        groups = ", ".join(f"{n} x {label}" for label, n in summary["groups"].items())
+        typer.echo(f"wrote {output}: {parsed.name or 'strategy'}, {summary['file_bytes']:,} weight bytes ({groups})")
+        return
     if format != "qopt":
-        raise QoptError(f"--format must be qopt or gguf, got {format!r}")
+        raise QoptError(f"--format must be qopt, gguf or compressed-tensors, got {format!r}")
     written = export(
         output, parsed, model, data=data, settings=settings, device=device, dtype=dtype, force=force, on_note=_note
     )

@@ -13,3 +13,10 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def listing(lines: list[str], most: int = 20) -> str:
+    """Lines for an error message, one indented per line, at most `most` of them."""
+    shown = "\n  ".join(lines[:most])
+    rest = f"\n  ... and {len(lines) - most} more" if len(lines) > most else ""
+    return f"\n  {shown}{rest}"

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qopt.errors import QoptError
+from qopt.errors import QoptError, listing
 from qopt.gguf_source import is_gguf
 from qopt.llamacpp import gguf_name
 from qopt.model import LoadedModel, QuantUnit
@@ -283,9 +283,8 @@ def export_gguf(quantizer, strategy, path: Path, seed: int = 0) -> dict[str, Any
     plan = quantizer.plan(strategy)
     bad = offenders(lm.units, plan)
     if bad:
-        listed = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
         raise QoptError(
-            f"{len(bad)} matrices have no GGUF type that stores their config exactly:\n  {listed}\n"
+            f"{len(bad)} matrices have no GGUF type that stores their config exactly:{listing(bad)}\n"
             "search with `search.deploy: llamacpp` so every strategy is exportable"
         )
     quantizer.restore()

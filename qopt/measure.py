@@ -165,6 +165,32 @@ def export_gguf_file(
         raise QoptError(f"cannot write {output}: {exc.strerror or exc}") from None
 
 
+def export_compressed_tensors_folder(
+    output: Path,
+    strategy: Strategy,
+    model: str,
+    *,
+    data: str | None = None,
+    settings: EvalSettings | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    force: bool = False,
+    on_note: Note | None = None,
+) -> dict[str, Any]:
+    """Write `strategy` applied to `model` as a compressed-tensors checkpoint folder that
+    vLLM and transformers load (`qopt.ct_export`), written under a temporary name."""
+    from qopt.ct_export import export_compressed_tensors
+    from qopt.io import check_output, fresh_folder
+
+    settings = settings or EvalSettings()
+    source = Path(model).expanduser()
+    protected = [source] if source.is_dir() else [source.parent] if source.is_file() else []
+    check_output(output, force=force, protected=protected)
+    quantizer = _quantizer(model, data, settings, device, dtype, on_note)
+    with fresh_folder(output, force=force, protected=protected) as folder:
+        return export_compressed_tensors(quantizer, strategy, folder, seed=settings.seed)
+
+
 def _quantizer(model: str, data: str | None, settings: EvalSettings, device, dtype: str, on_note: Note | None):
     """The loaded model's quantizer, calibrated on `data` when given (GPTQ, AWQ, smoothing need it)."""
     from qopt.quantizer import Quantizer

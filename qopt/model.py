@@ -9,6 +9,7 @@ embed, lm_head) across Llama/Qwen2, OPT, GPT-2 and GPT-NeoX naming.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,10 +188,13 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
         check_memory(load_skeleton(folder), dtype, name_or_path)
     # transformers logs at warning level for routine things (unused weights, long inputs).
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    compressed = _is_compressed_tensors(folder)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, trust_remote_code=False, output_loading_info=True
         )
+        if compressed:
+            model = _decompressed(model, dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as exc:  # a missing, foreign or damaged checkpoint raises many types
         raise QoptError(f"could not load model {name_or_path!r}: {first_line(exc)}") from None
@@ -204,6 +208,41 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
     lm = wrap_model(model, tokenizer, name_or_path)
     lm.source_note = describe_grid(Path(folder)) if Path(folder).is_dir() else None
     return lm
+
+
+def _is_compressed_tensors(folder: str) -> bool:
+    """Whether `folder` is a compressed-tensors checkpoint (e.g. `qopt export --format compressed-tensors`)."""
+    config = Path(folder) / "config.json"
+    try:
+        quantization = json.loads(config.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    if quantization.get("quant_method") != "compressed-tensors":
+        return False
+    import importlib.util
+
+    if importlib.util.find_spec("compressed_tensors") is None:
+        raise QoptError(f"{folder} is a compressed-tensors checkpoint: pip install 'qopt[compressed-tensors]'")
+    return True
+
+
+def _decompressed(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A compressed-tensors model as a plain one with float weights: what qopt measures and
+    quantizes (the package's quantized forward would re-round any other strategy's weights)."""
+    from transformers import AutoModelForCausalLM
+
+    model.hf_quantizer.compressor.decompress_model(model)
+    side = ("weight_scale", "weight_zero_point", "weight_shape", "weight_global_scale")
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(side)}
+    config = model.config
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, _ = plain.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if set(missing) - tied:
+        raise QoptError(f"the compressed-tensors checkpoint lacks {sorted(set(missing) - tied)[0]}")
+    plain.tie_weights()
+    return plain
 
 
 #: What a worker holds besides the weights, as a multiple of the weights' bytes: the

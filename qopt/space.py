@@ -59,6 +59,8 @@ class SearchConfig:
     with probability `entropy` (0 = uniform strategies, 1 = independent layers).
     `deploy` (e.g. "llamacpp") keeps every gene to what that serving target
     stores exactly (`qopt.deploy`), so the whole front is exportable to it.
+    `fused_groups: auto` gives the layers an engine fuses into one matrix (a
+    block's q/k/v, its gate/up; vLLM needs one scheme for each) one gene set.
     """
 
     resolution: str = "module"
@@ -68,6 +70,7 @@ class SearchConfig:
     base: LayerConfig = field(default_factory=lambda: FP16.evolve(bits=4, group_size=64))
     entropy: float = 0.3
     deploy: str | None = None
+    fused_groups: str | None = None
 
     def __post_init__(self) -> None:
         if self.resolution not in RESOLUTIONS:
@@ -82,6 +85,8 @@ class SearchConfig:
             raise QoptError(f"search.entropy: {self.entropy} is not in [0, 1]")
         if any(not 16 <= g <= 256 for g in self.group_sizes):
             raise QoptError(f"search.group_sizes: {list(self.group_sizes)} must lie in [16, 256]")
+        if self.fused_groups not in (None, "auto"):
+            raise QoptError(f"search.fused_groups: {self.fused_groups!r} must be auto or absent")
         if self.deploy is not None:
             from qopt import deploy
 
@@ -352,8 +357,8 @@ class SearchSpace:
 
     def strategy(self, genome: Mapping[str, LayerConfig], name: str = "") -> Strategy:
         """The executable Strategy a genome stands for."""
-        if self.config.resolution == "role":
-            return Strategy(roles=dict(genome), name=name)
+        if self.config.resolution == "role":  # a fused group (q+k+v) gives each of its roles its config
+            return Strategy(roles={u.role: genome[g.name] for g in self.groups for u in g.units}, name=name)
         layers = {u.name: genome[g.name] for g in self.groups for u in g.units}
         return Strategy(layers=layers, name=name)
 
@@ -429,9 +434,8 @@ class SearchSpace:
                 options.append({**genes, "granularity": "tensor"})
             if config.format == "int" and not config.symmetric:
                 options.append({**genes, "symmetric": True})
-        current = self._group_bits(config, group)
-        repaired = [self.repair(o, group) for o in options]  # a target's limits may undo an edit
-        return [o for o in repaired if self._group_bits(o, group) < current]
+        repaired = [self.repair(o, group) for o in options]
+        return [o for o in repaired if o != config]  # a deploy target's limits may undo an edit
 
 
 def _without_side_data(config: LayerConfig) -> dict[str, Any]:
@@ -466,12 +470,32 @@ def _block_of(name: str) -> str:
     return f"block{match.group(1)}" if match else name
 
 
+#: Roles an engine fuses into one matrix per block (vLLM: qkv_proj, gate_up_proj).
+FUSED_ROLES = (("q", "k", "v"), ("gate", "up"))
+
+
+def _fused(key):
+    """`key` with each fused set of roles sharing one group: per block at module resolution
+    (`model.layers.0.q+k+v`), one group for all blocks at role resolution (`q+k+v`)."""
+
+    def fused_key(unit: QuantUnit) -> str:
+        roles = next((r for r in FUSED_ROLES if unit.role in r), None)
+        if roles is None:
+            return key(unit)
+        joined = "+".join(roles)
+        return joined if key(unit) == unit.role else f"{unit.name.rsplit('.', 2)[0]}.{joined}"
+
+    return fused_key
+
+
 def _make_groups(units: Sequence[QuantUnit], config: SearchConfig) -> list[GeneGroup]:
     if not units:
         raise QoptError("the model has no linear layers to search over")
     key = {"module": lambda u: u.name, "block": lambda u: _block_of(u.name), "role": lambda u: u.role}[
         config.resolution
     ]
+    if config.fused_groups == "auto" and config.resolution != "block":
+        key = _fused(key)
     members: dict[str, list[QuantUnit]] = {}
     for unit in units:
         members.setdefault(key(unit), []).append(unit)

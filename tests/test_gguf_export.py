@@ -183,7 +183,7 @@ def test_export_command_writes_a_gguf_from_a_deploy_study_and_refuses_bad_output
     code, _, err = run(monkeypatch, capsys, *again)
     assert code == 2 and "exists; pass --force" in err
     code, _, err = run(monkeypatch, capsys, *again[:-2], "-o", str(tmp_path / "x.onnx"), "--format", "onnx")
-    assert code == 2 and "--format must be qopt or gguf" in err
+    assert code == 2 and "--format must be qopt, gguf or compressed-tensors" in err
     strategy = tmp_path / "chan.yaml"
     Strategy(default=FP16.evolve(bits=4, granularity="channel", group_size=None)).save(strategy)
     code, _, err = run(monkeypatch, capsys, "export", "--strategy", str(strategy), "--model", str(tiny_llama_dir),
