@@ -245,6 +245,13 @@ def export_command(
             "transformers load (INT 2-8 bits, tensor/channel/group scales). What a format cannot hold is refused.",
         ),
     ] = "qopt",
+    nearest: Annotated[
+        bool,
+        typer.Option(
+            help="With --format gguf: store matrices no GGUF type holds exactly in the nearest type, re-rounded "
+            "from their float weights (listed, and measured when there is text), instead of refusing."
+        ),
+    ] = False,
 ) -> None:
     """Write a strategy as a packed checkpoint: strategy.yaml, model.safetensors (codes
     bit-packed, fp16 scales/zeros/outliers), manifest.json, and llama-tensor-types.txt
@@ -282,8 +289,18 @@ def export_command(
         from qopt.measure import export_gguf_file
 
         summary = export_gguf_file(
-            output, parsed, model, data=data, settings=settings, device=device, dtype=dtype, force=force, on_note=_note
-        )
+            output, parsed, model, data=data, settings=settings, device=device, dtype=dtype, force=force,
+            on_note=_note, nearest=nearest,
+        )  # fmt: skip
+        for line in summary["changed"]:
+            typer.echo(f"changed: {line} (re-rounded from float weights)", err=True)
+        if "measured" in summary:
+            m = summary["measured"]
+            typer.echo(
+                f"held-out perplexity ({m['tokens']:,} tokens): strategy {m['strategy_ppl']:.4f}, "
+                f"file {m['file_ppl']:.4f} ({m['file_ppl'] / m['strategy_ppl'] - 1:+.2%})",
+                err=True,
+            )
         types = ", ".join(f"{n} {t}" for t, n in sorted(summary["types"].items()))
         typer.echo(
             f"wrote {output}: {parsed.name or 'strategy'}, {summary['file_bytes']:,} bytes; block matrices "

@@ -239,14 +239,39 @@ def _llama_plain_tensors(lm: LoadedModel) -> list[GgufTensor]:
     return out
 
 
+def nearest_type(config: LayerConfig, in_features: int) -> str:
+    """The block type llama.cpp would give a config no type holds exactly: the legacy type of
+    at least its bit-width and its symmetry (int2/int3 -> Q4, int6 -> Q8_0), F16 when the
+    inputs are not whole blocks. (`gguf` cannot write K-quants, so none is chosen.)"""
+    if not config.quantizes_weights or in_features % BLOCK:
+        return "F16"
+    bits = min((b for b, _ in BLOCK_TYPES if b >= config.bits), default=8)
+    symmetric = config.symmetric or config.format != "int" or bits == 8
+    return BLOCK_TYPES[(bits, symmetric)]
+
+
 def matrix_tensor(
-    unit: QuantUnit, config: LayerConfig, stored: QuantizedMatrix | None, w: torch.Tensor, lm
+    unit: QuantUnit,
+    config: LayerConfig,
+    stored: QuantizedMatrix | None,
+    w: torch.Tensor,
+    lm: LoadedModel,
+    nearest: bool = False,
 ) -> GgufTensor:
-    """One block matrix as a GGUF tensor: qopt's blocks, or F16 for a 16-bit config."""
+    """One block matrix as a GGUF tensor: qopt's blocks, or F16 for a 16-bit config. With
+    `nearest`, a config no type holds is re-rounded from the float weight `w` to
+    `nearest_type` by the `gguf` package (as llama-quantize would), not refused."""
     ggml_type, reasons = gguf_type(config, unit.in_features)
-    if ggml_type is None:
+    if ggml_type is None and not nearest:
         raise QoptError(f"{unit.name}: no GGUF type stores {config.describe()} exactly ({'; '.join(reasons)})")
-    if ggml_type == "F16":
+    if ggml_type is None:
+        import gguf
+
+        ggml_type = nearest_type(config, unit.in_features)
+        weight = w.float().cpu().numpy()
+        kind = gguf.GGMLQuantizationType[ggml_type]
+        data = weight.astype(np.float16) if ggml_type == "F16" else gguf.quants.quantize(weight, kind)
+    elif ggml_type == "F16":
         data = w.to(torch.float16).cpu().numpy()
     else:
         assert stored is not None
@@ -267,13 +292,15 @@ def _row_permutation(unit: QuantUnit, lm: LoadedModel) -> Callable[[np.ndarray],
     return llama_rows(heads)
 
 
-def export_gguf(quantizer, strategy, path: Path, seed: int = 0) -> dict[str, Any]:
+def export_gguf(quantizer, strategy, path: Path, seed: int = 0, nearest: bool = False) -> dict[str, Any]:
     """Write `strategy` applied to the quantizer's model as the GGUF file `path` (a
     finished file or none: it is written under a temporary name, then renamed).
 
-    Raises `QoptError` listing every block matrix no GGUF type stores exactly.
-    Returns a summary: per type the number of matrices, the file's bytes, and the bits
-    per weight of the block matrices as stored in it (their tensor bytes x 8 / weights).
+    Raises `QoptError` listing every block matrix no GGUF type stores exactly, unless
+    `nearest`: then those get `nearest_type`, re-rounded from their float weights.
+    Returns a summary: per type the number of matrices, the file's bytes, the bits per
+    weight of the block matrices as stored in it (their tensor bytes x 8 / weights), and
+    `changed`: one line per matrix not stored as qopt quantized it.
     """
     import os
 
@@ -282,22 +309,27 @@ def export_gguf(quantizer, strategy, path: Path, seed: int = 0) -> dict[str, Any
     lm = quantizer.lm
     plan = quantizer.plan(strategy)
     bad = offenders(lm.units, plan)
-    if bad:
+    if bad and not nearest:
         raise QoptError(
             f"{len(bad)} matrices have no GGUF type that stores their config exactly:{listing(bad)}\n"
-            "search with `search.deploy: llamacpp` so every strategy is exportable"
+            "search with `search.deploy: llamacpp` so every strategy is exportable, "
+            "or pass --nearest to re-round these from float weights to the nearest type"
         )
     quantizer.restore()
     stats = quantizer.prepare([plan])
-    tensors, counts, stored_bytes, n_weights = [], {}, 0, 0
+    tensors, counts, stored_bytes, n_weights, changed = [], {}, 0, 0, []
     with torch.inference_mode():
         for unit in lm.units:
             if unit.is_embedding or unit.role == "lm_head" or unit.name not in plan:
                 continue
             config = plan[unit.name]
             w = unit.read_weight().float()
-            stored, _ = quantize_unit(unit.name, w, config, stats, seed) if config.quantizes_weights else (None, None)
-            tensor = matrix_tensor(unit, config, stored, w, lm)
+            exact = gguf_type(config, unit.in_features)[0] is not None
+            quantized = config.quantizes_weights and exact
+            stored, _ = quantize_unit(unit.name, w, config, stats, seed) if quantized else (None, None)
+            tensor = matrix_tensor(unit, config, stored, w, lm, nearest)
+            if not exact:
+                changed.append(f"{unit.name}: {config.describe()} {config.rounding} -> {tensor.ggml_type}")
             tensors.append(tensor)
             counts[tensor.ggml_type] = counts.get(tensor.ggml_type, 0) + 1
             stored_bytes += tensor.data.nbytes
@@ -313,4 +345,5 @@ def export_gguf(quantizer, strategy, path: Path, seed: int = 0) -> dict[str, Any
         "types": counts,
         "file_bytes": path.stat().st_size,
         "bpw": 8 * stored_bytes / n_weights,
+        "changed": changed,
     }

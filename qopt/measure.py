@@ -142,10 +142,13 @@ def export_gguf_file(
     dtype: str = "float32",
     force: bool = False,
     on_note: Note | None = None,
+    nearest: bool = False,
 ) -> dict[str, Any]:
     """Write `strategy` applied to `model` as one GGUF file that llama.cpp runs, with qopt's
     own codes and scales (`qopt.gguf_export`). An existing `output` is refused unless
-    `force`; the file appears whole or not at all."""
+    `force`; the file appears whole or not at all. With `nearest`, matrices no type holds
+    are re-rounded to the nearest type (listed in `changed`), and, given `data`, the file is
+    measured against the strategy on the held-out part (`measured`: both perplexities)."""
     from qopt.gguf_export import export_gguf
 
     output = Path(output).expanduser()
@@ -160,9 +163,17 @@ def export_gguf_file(
     settings = settings or EvalSettings()
     quantizer = _quantizer(model, data, settings, device, dtype, on_note)
     try:
-        return export_gguf(quantizer, strategy, output, seed=settings.seed)
+        summary = export_gguf(quantizer, strategy, output, seed=settings.seed, nearest=nearest)
     except OSError as exc:
         raise QoptError(f"cannot write {output}: {exc.strerror or exc}") from None
+    if summary["changed"] and data is not None:  # what the changes cost, measured
+        text = load_text(data)
+        ours = Evaluator.from_text(quantizer.lm, text, settings).evaluate(strategy, "eval")
+        theirs = Evaluator.from_text(_load(str(output), device, dtype, None), text, settings).evaluate(
+            Strategy(), "eval"
+        )
+        summary["measured"] = {"strategy_ppl": ours.ppl, "file_ppl": theirs.ppl, "tokens": ours.tokens}
+    return summary
 
 
 def export_compressed_tensors_folder(

@@ -190,3 +190,21 @@ def test_export_command_writes_a_gguf_from_a_deploy_study_and_refuses_bad_output
                        "--format", "gguf", "-o", str(tmp_path / "c.gguf"))  # fmt: skip
     assert code == 2 and "have no GGUF type that stores their config exactly" in err
     assert not (tmp_path / "c.gguf").exists() and not list(tmp_path.glob(".c.gguf*"))
+
+
+def test_nearest_stores_what_no_type_holds_re_rounded_and_measures_the_change(
+    monkeypatch, capsys, tmp_path, tiny_llama_dir, small_text
+):
+    from tests.test_cli import run
+
+    strategy = tmp_path / "s.yaml"
+    Strategy(default=FP16.evolve(bits=3, granularity="channel", group_size=None, symmetric=True)).save(strategy)
+    args = ["export", "--strategy", str(strategy), "--model", str(tiny_llama_dir), "--data", str(small_text),
+            "--format", "gguf", "-o", str(tmp_path / "n.gguf"), "--nearest"]  # fmt: skip
+    code, _, err = run(monkeypatch, capsys, *args)
+    assert code == 0, err
+    changed = [line for line in err.splitlines() if line.startswith("changed: ")]
+    assert len(changed) == 14 and all(line.endswith("-> Q4_0 (re-rounded from float weights)") for line in changed)
+    assert "held-out perplexity" in err and "file" in err
+    reader = gguf.GGUFReader(str(tmp_path / "n.gguf"))
+    assert {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2} == {"Q4_0"}
