@@ -34,7 +34,7 @@ from qopt.measure import export_gguf_file
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = [
     # (name, config, trials, max bpw)
-    ("stories260k", ROOT / "studies" / "stories260k-llamacpp.yaml", 200, 6.0),
+    ("stories260k", ROOT / "studies" / "stories260k-llamacpp.yaml", 200, 7.5),
     ("smollm2-135m", ROOT / "studies" / "smollm2-135m-llamacpp.yaml", 24, 4.6),
 ]
 

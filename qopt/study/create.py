@@ -49,10 +49,9 @@ def create(name: str, config: StudyConfig, url: str | None = None) -> optuna.Stu
         load_text(config.data)  # an unreadable text fails here, not in every worker
     space = SearchSpace(load_skeleton(config.model).units, config.search)
     floor = space.min_bpw()
-    if config.budget_bpw is not None and config.budget_bpw < floor:
-        raise QoptError(
-            f"budget_bpw: {config.budget_bpw} is below the smallest bpw this search space can reach ({floor:.3f})"
-        )
+    for key, bpw in [("budget_bpw", config.budget_bpw), *(("targets", t) for t in config.targets)]:
+        if bpw is not None and bpw < floor:
+            raise QoptError(f"{key}: {bpw} is below the smallest bpw this search space can reach ({floor:.3f})")
     try:
         study = optuna.create_study(study_name=name, storage=storage, directions=["minimize"] * len(config.objectives))
     except optuna.exceptions.DuplicatedStudyError:  # another `create` of the same name got there first
