@@ -157,8 +157,8 @@ def write_gguf(
         for field in reader.fields.values():
             if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
                 continue
-            if field.name == gguf.Keys.General.FILE_TYPE:
-                continue  # the file is now of mixed types
+            if field.name in (gguf.Keys.General.FILE_TYPE, gguf.Keys.General.NAME):
+                continue  # the file is now of mixed types, and named after the strategy
             sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
         source = {t.name: t for t in reader.tensors}
