@@ -86,7 +86,7 @@ def report(rows: list[dict], minutes: float, command: str) -> str:
     lines = [
         "# Served as measured: qopt's strategies in llama.cpp",
         "",
-        f"`{command}` — {minutes:.0f} min on {torch.get_num_threads()} CPU thread(s), sharing the machine with other runs. Each study searches only "
+        f"`{command}` — {minutes:.0f} min on {torch.get_num_threads()} CPU thread(s). Each study searches only "
         "what GGUF stores exactly (`search.deploy: llamacpp`); its best strategy under the bpw (`qopt study "
         "best`, validation re-ranking) is written by `qopt export --format gguf` with qopt's own codes and "
         "scales, then run by llama.cpp (llama-cpp-python) on the study's held-out windows. qopt's perplexity "
