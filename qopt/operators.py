@@ -286,6 +286,7 @@ class GenomeSampler(NSGAIISampler):
         self._budget_bpw = budget_bpw
         self._targets = tuple(targets) or ((budget_bpw,) if budget_bpw is not None else ())
         self._refine_prob = variation.refine_prob
+        self._refine_targets: dict[int, float] = {}
         self._seeds = tuple(seeds)
         self._genome_rng = np.random.RandomState(seed)
         with warnings.catch_warnings():
@@ -353,4 +354,12 @@ class GenomeSampler(NSGAIISampler):
                     break
         study._storage.set_trial_user_attr(trial._trial_id, REFINED_FROM, parent.number)
         study._storage.set_trial_user_attr(trial._trial_id, REFINE_TARGET, target)
+        self._refine_targets[trial.number] = target
         return params
+
+    def refine_target(self, number: int) -> float | None:
+        """The target bpw trial `number` was refined for by this sampler (None: not a refinement).
+
+        The objective asks here: Optuna's Trial caches its user attributes before its
+        genes are sampled, so the attributes written above are not in it."""
+        return self._refine_targets.get(number)

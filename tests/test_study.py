@@ -212,7 +212,13 @@ def test_telling_a_trial_an_earlier_try_already_told_is_not_an_error(capsys):
 def test_refinement_trials_stay_within_their_target(config, url):
     from qopt.operators import REFINE_TARGET, REFINED_FROM, VariationConfig
 
-    refining = dataclasses.replace(config, targets=(3.0, BUDGET), variation=VariationConfig(refine_prob=1.0))
+    refining = dataclasses.replace(
+        config,
+        targets=(3.0, BUDGET),
+        refine_margin=1.0,  # any child worse than the best at its target on the first batch stops there
+        eval=dataclasses.replace(config.eval, search_windows=4),  # windows left after the first batch
+        variation=VariationConfig(refine_prob=1.0),
+    )
     qstudy.create("r", refining, url)
     qstudy.launch("r", n_trials=16, url=url, progress=False)
     study, _ = qstudy.load("r", url)
@@ -225,7 +231,8 @@ def test_refinement_trials_stay_within_their_target(config, url):
         assert parent.number < t.number and parent.user_attrs["bpw"] <= target
         assert t.user_attrs["bpw"] <= target and t.params != parent.params
         if t.state == TrialState.PRUNED and "screened" in t.user_attrs.get("rejected", ""):
-            assert f"no more than {target:.4g} bpw" in t.user_attrs["rejected"]
+            assert f"no more than {target:.4g} bpw" in t.user_attrs["rejected"]  # judged at its target
+    assert any("screened" in t.user_attrs.get("rejected", "") for t in refined)
     trial, _ = qstudy.best("r", 3.0, url)
     assert trial.user_attrs["bpw"] <= 3.0
     with pytest.raises(QoptError, match="above budget_bpw"):

@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from qopt.evaluate import Evaluator, Metrics, Rejected, Verdict
-from qopt.operators import REFINE_TARGET, GenomeSampler
+from qopt.operators import GenomeSampler
 from qopt.space import SearchSpace
 from qopt.study.config import StudyConfig, baseline_strategies
 from qopt.study.workers import worker_id
@@ -89,7 +89,7 @@ class SearchRun:
         baseline = "baseline" in trial.user_attrs
         cap = None if baseline else self.config.collapse_kl
         verdict = None
-        target = trial.user_attrs.get(REFINE_TARGET)
+        target = getattr(trial.study.sampler, "refine_target", lambda _number: None)(trial.number)
         if target is not None and self.config.refine_margin:  # a refinement child: judged at its target
             verdict = self._screen(rivals, target, self.config.refine_margin)
         elif not baseline and self.config.screen_margin:
