@@ -262,7 +262,7 @@ def export_command(
     From a strategy file: qopt export --strategy FILE --model M [--data D] -o DIR.
     """
     from qopt.evaluate import EvalSettings
-    from qopt.measure import export
+    from qopt.measure import Source, export
 
     if (name is None) == (strategy is None) or (name is not None and (trial is None) == (max_bpw is None)):
         raise QoptError("give a study NAME with --trial T or --max-bpw B, or --strategy FILE with --model M")
@@ -285,13 +285,11 @@ def export_command(
         if model is None:
             raise QoptError("--strategy needs --model")
         parsed, settings = Strategy.load(strategy), EvalSettings()
+    source = Source(model, data, settings, device, dtype, _note)
     if format == "gguf":
         from qopt.measure import export_gguf_file
 
-        summary = export_gguf_file(
-            output, parsed, model, data=data, settings=settings, device=device, dtype=dtype, force=force,
-            on_note=_note, nearest=nearest,
-        )  # fmt: skip
+        summary = export_gguf_file(output, parsed, source, force=force, nearest=nearest)
         for line in summary["changed"]:
             typer.echo(f"changed: {line} (re-rounded from float weights)", err=True)
         if "measured" in summary:
@@ -310,17 +308,13 @@ def export_command(
     if format == "compressed-tensors":
         from qopt.measure import export_compressed_tensors_folder
 
-        summary = export_compressed_tensors_folder(
-            output, parsed, model, data=data, settings=settings, device=device, dtype=dtype, force=force, on_note=_note
-        )
+        summary = export_compressed_tensors_folder(output, parsed, source, force=force)
         groups = ", ".join(f"{n} x {label}" for label, n in summary["groups"].items())
         typer.echo(f"wrote {output}: {parsed.name or 'strategy'}, {summary['file_bytes']:,} weight bytes ({groups})")
         return
     if format != "qopt":
         raise QoptError(f"--format must be qopt, gguf or compressed-tensors, got {format!r}")
-    written = export(
-        output, parsed, model, data=data, settings=settings, device=device, dtype=dtype, force=force, on_note=_note
-    )
+    written = export(output, parsed, source, force=force)
     manifest = written.manifest
     counted, stored = manifest["quantized_counted_bytes"], manifest["quantized_stored_bytes"]
     typer.echo(f"wrote {output}: {parsed.name or 'strategy'} at {manifest['bpw']:.3f} bpw")

@@ -25,6 +25,33 @@ Note = Callable[[str], None]
 
 
 @dataclass(frozen=True)
+class Source:
+    """What an export quantizes: a model (hub name, folder or .gguf file), the text that
+    calibrates GPTQ/AWQ/smoothing (None: no calibration), and the evaluation settings."""
+
+    model: str
+    data: str | None = None
+    settings: EvalSettings = dataclasses.field(default_factory=EvalSettings)
+    device: str | None = None
+    dtype: str = "float32"
+    on_note: Note | None = None
+
+    def folders(self) -> list[Path]:
+        """Folders an export must never write into: the model's own (a .gguf file's folder)."""
+        path = Path(self.model).expanduser()
+        return [path] if path.is_dir() else [path.parent] if path.is_file() else []
+
+    def quantizer(self):
+        """The loaded model's quantizer, calibrated on `data` when given."""
+        from qopt.quantizer import Quantizer
+
+        lm = _load(self.model, self.device, self.dtype, self.on_note)
+        if self.data is None:
+            return Quantizer(lm)
+        return Evaluator.from_text(lm, load_text(self.data), self.settings).quantizer
+
+
+@dataclass(frozen=True)
 class Measurement:
     """One strategy measured on one part of a text: metrics, and what was measured."""
 
@@ -98,34 +125,24 @@ class Export:
 def export(
     output: Path,
     strategy: Strategy,
-    model: str,
+    source: Source,
     *,
-    data: str | None = None,
-    settings: EvalSettings | None = None,
-    device: str | None = None,
-    dtype: str = "float32",
     force: bool = False,
-    on_note: Note | None = None,
 ) -> Export:
-    """Write `strategy` applied to `model` as a packed checkpoint in `output` (see
-    `qopt.export`), with a llama-quantize override list beside it. `data` is the
-    calibration text (needed by GPTQ, AWQ and smoothing); the model's own folder
-    is never written into."""
+    """Write `strategy` applied to the source model as a packed checkpoint in `output`
+    (see `qopt.export`), with a llama-quantize override list beside it; the model's own
+    folder is never written into."""
     from qopt.export import export_checkpoint
     from qopt.io import check_output, fresh_folder
     from qopt.llamacpp import override_file, tensor_types
 
-    settings = settings or EvalSettings()
-    source_path = Path(model).expanduser()
-    protected = [source_path] if source_path.is_dir() else []
-    if source_path.is_file():  # a .gguf file: its folder holds the source
-        protected = [source_path.parent]
+    protected = source.folders()
     check_output(output, force=force, protected=protected)  # refuse a bad output before loading anything
-    quantizer = _quantizer(model, data, settings, device, dtype, on_note)
+    quantizer = source.quantizer()
     lm = quantizer.lm
-    source = {"data": data, "eval": dataclasses.asdict(settings)} if data is not None else {}
+    recorded = {"data": source.data, "eval": dataclasses.asdict(source.settings)} if source.data is not None else {}
     with fresh_folder(output, force=force, protected=protected) as folder:
-        manifest = export_checkpoint(quantizer, strategy, folder, seed=settings.seed, source=source)
+        manifest = export_checkpoint(quantizer, strategy, folder, seed=source.settings.seed, source=recorded)
         types = tensor_types(lm.units, quantizer.plan(strategy))
         (folder / "llama-tensor-types.txt").write_text(override_file(types, strategy.name or str(output)))
     return Export(strategy, manifest, len(types), sum(bool(t.lost) for t in types))
@@ -134,17 +151,12 @@ def export(
 def export_gguf_file(
     output: Path,
     strategy: Strategy,
-    model: str,
+    source: Source,
     *,
-    data: str | None = None,
-    settings: EvalSettings | None = None,
-    device: str | None = None,
-    dtype: str = "float32",
     force: bool = False,
-    on_note: Note | None = None,
     nearest: bool = False,
 ) -> dict[str, Any]:
-    """Write `strategy` applied to `model` as one GGUF file that llama.cpp runs, with qopt's
+    """Write `strategy` applied to the source model as one GGUF file that llama.cpp runs, with qopt's
     own codes and scales (`qopt.gguf_export`). An existing `output` is refused unless
     `force`; the file appears whole or not at all. With `nearest`, matrices no type holds
     are re-rounded to the nearest type (listed in `changed`), and, given `data`, the file is
@@ -156,22 +168,21 @@ def export_gguf_file(
         raise QoptError(f"output {output} is a folder; give a file path ending in .gguf")
     if output.exists() and not force:
         raise QoptError(f"output {output} exists; pass --force to replace it")
-    if output.resolve() == Path(model).expanduser().resolve():
+    if output.resolve() == Path(source.model).expanduser().resolve():
         raise QoptError(f"output {output} is the source model; write elsewhere")
     if not output.parent.is_dir():
         raise QoptError(f"cannot write {output}: folder {output.parent} does not exist")
-    settings = settings or EvalSettings()
-    quantizer = _quantizer(model, data, settings, device, dtype, on_note)
+    settings = source.settings
+    quantizer = source.quantizer()
     try:
         summary = export_gguf(quantizer, strategy, output, seed=settings.seed, nearest=nearest)
     except OSError as exc:
         raise QoptError(f"cannot write {output}: {exc.strerror or exc}") from None
-    if summary["changed"] and data is not None:  # what the changes cost, measured
-        text = load_text(data)
+    if summary["changed"] and source.data is not None:  # what the changes cost, measured
+        text = load_text(source.data)
         ours = Evaluator.from_text(quantizer.lm, text, settings).evaluate(strategy, "eval")
-        theirs = Evaluator.from_text(_load(str(output), device, dtype, None), text, settings).evaluate(
-            Strategy(), "eval"
-        )
+        written = _load(str(output), source.device, source.dtype, None)
+        theirs = Evaluator.from_text(written, text, settings).evaluate(Strategy(), "eval")
         summary["measured"] = {"strategy_ppl": ours.ppl, "file_ppl": theirs.ppl, "tokens": ours.tokens}
     return summary
 
@@ -179,35 +190,20 @@ def export_gguf_file(
 def export_compressed_tensors_folder(
     output: Path,
     strategy: Strategy,
-    model: str,
+    source: Source,
     *,
-    data: str | None = None,
-    settings: EvalSettings | None = None,
-    device: str | None = None,
-    dtype: str = "float32",
     force: bool = False,
-    on_note: Note | None = None,
 ) -> dict[str, Any]:
-    """Write `strategy` applied to `model` as a compressed-tensors checkpoint folder that
-    vLLM and transformers load (`qopt.ct_export`), written under a temporary name."""
+    """Write `strategy` applied to the source model as a compressed-tensors checkpoint
+    folder that vLLM and transformers load (`qopt.ct_export`), under a temporary name first."""
     from qopt.ct_export import export_compressed_tensors
     from qopt.io import check_output, fresh_folder
 
-    settings = settings or EvalSettings()
-    source = Path(model).expanduser()
-    protected = [source] if source.is_dir() else [source.parent] if source.is_file() else []
+    protected = source.folders()
     check_output(output, force=force, protected=protected)
-    quantizer = _quantizer(model, data, settings, device, dtype, on_note)
+    quantizer = source.quantizer()
     with fresh_folder(output, force=force, protected=protected) as folder:
-        return export_compressed_tensors(quantizer, strategy, folder, seed=settings.seed)
-
-
-def _quantizer(model: str, data: str | None, settings: EvalSettings, device, dtype: str, on_note: Note | None):
-    """The loaded model's quantizer, calibrated on `data` when given (GPTQ, AWQ, smoothing need it)."""
-    from qopt.quantizer import Quantizer
-
-    lm = _load(model, device, dtype, on_note)
-    return Evaluator.from_text(lm, load_text(data), settings).quantizer if data is not None else Quantizer(lm)
+        return export_compressed_tensors(quantizer, strategy, folder, seed=source.settings.seed)
 
 
 def evaluator_for(

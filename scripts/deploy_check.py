@@ -29,7 +29,7 @@ from experiment_h1 import fresh_launch  # scripts/ is on the path when this file
 from qopt import study as qstudy
 from qopt.engine import llamacpp_perplexity
 from qopt.gguf_source import is_gguf
-from qopt.measure import export_gguf_file
+from qopt.measure import Source, export_gguf_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = [
@@ -57,7 +57,7 @@ def check(name: str, config_path: Path, trials: int, max_bpw: float, url: str, o
     search_s = fresh_launch(config, study_name, url, trials)
     trial, strategy = qstudy.best(study_name, max_bpw, url, candidates=5)
     path = out / f"{name}-best.gguf"
-    export_gguf_file(path, strategy, config.model, data=config.data, settings=config.eval, force=True)
+    export_gguf_file(path, strategy, Source(config.model, config.data, config.eval), force=True)
     bpw, types = file_bpw(path)
     run = qstudy.SearchRun(dataclasses.replace(config, device="cpu"))
     windows = run.evaluator.split.eval
