@@ -37,7 +37,7 @@ from qopt.errors import QoptError, listing
 from qopt.gguf_export import STORABLE_ROUNDINGS
 from qopt.model import QuantUnit
 from qopt.space import FUSED_ROLES
-from qopt.strategy import LayerConfig
+from qopt.strategy import EDGE_ROLES, LayerConfig
 
 _PLAIN = {"format": "int", "outliers": "none", "act_format": "none", "accumulation": "fp32"}
 
@@ -90,7 +90,7 @@ def fused_mismatches(units: list[QuantUnit], plan: Mapping[str, LayerConfig]) ->
 
 
 def _block_units(units: list[QuantUnit], plan: Mapping[str, LayerConfig]) -> list[QuantUnit]:
-    return [u for u in units if u.name in plan and not u.is_embedding and u.role != "lm_head"]
+    return [u for u in units if u.name in plan and u.role not in EDGE_ROLES]
 
 
 def export_compressed_tensors(quantizer, strategy, out_dir: Path, seed: int = 0) -> dict[str, Any]:

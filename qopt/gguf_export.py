@@ -45,7 +45,7 @@ from qopt.gguf_source import is_gguf
 from qopt.llamacpp import gguf_name
 from qopt.model import LoadedModel, QuantUnit
 from qopt.quant.weight import QuantizedMatrix
-from qopt.strategy import LayerConfig
+from qopt.strategy import EDGE_ROLES, LayerConfig
 
 BLOCK = 32
 #: (bits, symmetric) -> the GGML type name holding that INT grid in blocks of 32.
@@ -89,7 +89,7 @@ def offenders(units: list[QuantUnit], plan: Mapping[str, LayerConfig]) -> list[s
     """One line per block matrix no GGUF type stores exactly: its name, config and why."""
     lines = []
     for unit in units:
-        if unit.name not in plan or unit.is_embedding or unit.role == "lm_head":
+        if unit.name not in plan or unit.role in EDGE_ROLES:
             continue
         _, reasons = gguf_type(plan[unit.name], unit.in_features)
         if reasons:
@@ -320,7 +320,7 @@ def export_gguf(quantizer, strategy, path: Path, seed: int = 0, nearest: bool = 
     tensors, counts, stored_bytes, n_weights, changed = [], {}, 0, 0, []
     with torch.inference_mode():
         for unit in lm.units:
-            if unit.is_embedding or unit.role == "lm_head" or unit.name not in plan:
+            if unit.role in EDGE_ROLES or unit.name not in plan:
                 continue
             config = plan[unit.name]
             w = unit.read_weight().float()
