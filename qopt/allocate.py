@@ -7,8 +7,15 @@ cheapest-error choice under a size budget is solved exactly.
 
 1. `measure_costs`: for every block linear layer and every config of a menu,
    the layer's true bits (scales, zero points counted, `qopt.bits`) and a
-   quality proxy: the KL (nats/token, search part) of the model with *only
-   that layer* quantized that way.
+   quality proxy, one of `PROXIES`:
+   - "kl": the KL (nats/token, search part) of the model with *only that
+     layer* quantized that way: one model evaluation per (layer, config);
+   - "hessian": the layer's output error tr(dW H dW^T) (H = X^T X / n from
+     the calibration windows, the error GPTQ minimises), scaled per layer
+     into KL by *one* single-layer KL measurement (an `anchor` config): one
+     model evaluation per layer, the menu's other configs cost a matmul each.
+     HIGGS's linearity theorem in a measured form: a layer's KL share is
+     proportional to its output error.
 2. `solve`: a multiple-choice knapsack by dynamic programming over the bit
    budget (costs rounded *up* to a grid of at most `resolution` steps, so the
    solution never exceeds the budget; exact when costs are whole steps).
@@ -27,16 +34,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from qopt.bits import layer_cost
 from qopt.errors import QoptError
 from qopt.evaluate import Evaluator
+from qopt.model import QuantUnit
+from qopt.quant.weight import to_original_basis
+from qopt.quantizer import quantize_unit
 from qopt.strategy import EDGE_ROLES, FP16, LayerConfig, Strategy
 
 #: Bit-widths the allocator chooses among (16 = leave the layer unquantized).
 ALLOCATOR_BITS = (2, 3, 4, 5, 6, 8)
 ALLOCATOR_ROUNDINGS = ("nearest", "gptq")
+#: Quality proxies `measure_costs` knows (see the module docstring).
+PROXIES = ("kl", "hessian")
 
 
 def menu(
@@ -113,26 +126,93 @@ class LayerCosts:
 
 
 def measure_costs(
-    evaluator: Evaluator, configs: Sequence[LayerConfig], windows: int | None = None, progress: bool = True
+    evaluator: Evaluator,
+    configs: Sequence[LayerConfig],
+    windows: int | None = None,
+    proxy: str = "kl",
+    progress: bool = True,
 ) -> LayerCosts:
     """Measure every (block linear layer, config) pair on the evaluator's search part
     (its first `windows` windows if given: a cheaper, noisier proxy).
 
-    n_layers x (n_configs - 1) evaluations (16-bit costs nothing to measure); the
-    quantized weights are cached per (layer, config), so a later evaluation of a
-    mixture reuses them.
+    "kl" costs n_layers x (n_configs - 1) model evaluations (16-bit costs nothing);
+    the quantized weights are cached per (layer, config), so a later evaluation of a
+    mixture reuses them. "hessian" costs n_layers evaluations and one quantization
+    per (layer, config), with the calibration Hessians (collected once).
     """
+    if proxy not in PROXIES:
+        raise QoptError(f"unknown allocator proxy {proxy!r}: choose one of {', '.join(PROXIES)}")
     units = [u for u in evaluator.lm.units if u.role not in EDGE_ROLES]
-    evaluator.quantizer.prepare([{u.name: c for u in units} for c in configs])  # calibration once, if needed
     bits = np.array([[layer_cost(u.out_features, u.in_features, c).total for c in configs] for u in units])
-    error = np.zeros(bits.shape)
-    jobs = [(i, j) for i in range(len(units)) for j, c in enumerate(configs) if c.quantizes_weights]
-    with _quiet(evaluator):
-        for i, j in tqdm(jobs, desc="layer sensitivity", disable=not progress):
-            strategy = Strategy(layers={units[i].name: configs[j]})
-            error[i, j] = max(evaluator.evaluate(strategy, "search", windows=windows).kl, 0.0)
     n_weights = sum(u.out_features * u.in_features for u in units)
+    measured = _kl_errors if proxy == "kl" else _hessian_errors
+    with _quiet(evaluator):
+        error = measured(evaluator, units, configs, windows, progress)
     return LayerCosts(tuple(u.name for u in units), tuple(configs), n_weights, bits, error)
+
+
+def anchor(configs: Sequence[LayerConfig]) -> int:
+    """The menu index whose single-layer KL calibrates the "hessian" proxy: a
+    round-to-nearest config nearest 3 bits (finer scales first), where a layer's
+    error is large enough to measure and small enough to stay in KL's quadratic range."""
+    quantized = [j for j, c in enumerate(configs) if c.quantizes_weights]
+    if not quantized:
+        raise QoptError("the allocator's menu has no config that quantizes weights")
+    return min(
+        quantized,
+        key=lambda j: (
+            configs[j].rounding != "nearest",
+            abs(configs[j].bits - 3),
+            configs[j].granularity != "group",
+        ),
+    )
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr((W_hat - W) H (W_hat - W)^T): the layer's squared output error summed over its
+    outputs, per token (H = X^T X / n_tokens, [in, in]; W, W_hat [out, in])."""
+    d = (w_hat - w).double()
+    return float(((d @ hessian.double()) * d).sum())
+
+
+def _kl_errors(
+    evaluator: Evaluator,
+    units: Sequence[QuantUnit],
+    configs: Sequence[LayerConfig],
+    windows: int | None,
+    progress: bool,
+) -> np.ndarray:
+    evaluator.quantizer.prepare([{u.name: c for u in units} for c in configs])  # calibration once, if needed
+    error = np.zeros((len(units), len(configs)))
+    jobs = [(i, j) for i in range(len(units)) for j, c in enumerate(configs) if c.quantizes_weights]
+    for i, j in tqdm(jobs, desc="layer sensitivity", disable=not progress):
+        strategy = Strategy(layers={units[i].name: configs[j]})
+        error[i, j] = max(evaluator.evaluate(strategy, "search", windows=windows).kl, 0.0)
+    return error
+
+
+def _hessian_errors(
+    evaluator: Evaluator,
+    units: Sequence[QuantUnit],
+    configs: Sequence[LayerConfig],
+    windows: int | None,
+    progress: bool,
+) -> np.ndarray:
+    stats = evaluator.quantizer.activation_stats(hessians=True)
+    assert stats.hessian is not None
+    pivot = anchor(configs)
+    error = np.zeros((len(units), len(configs)))
+    for i, unit in enumerate(tqdm(units, desc="layer sensitivity (Hessian proxy)", disable=not progress)):
+        w = unit.read_weight().float()
+        hessian = stats.hessian[unit.name].to(w.device)
+        for j, config in enumerate(configs):
+            if config.quantizes_weights:
+                stored, transform = quantize_unit(unit.name, w, config, stats, seed=0)
+                assert stored is not None
+                error[i, j] = output_error(w, to_original_basis(stored.values, transform), hessian)
+        kl = max(evaluator.evaluate(Strategy(layers={unit.name: configs[pivot]}), "search", windows=windows).kl, 0.0)
+        error[i] *= kl / error[i, pivot] if error[i, pivot] > 0 else 0.0
+    return error
 
 
 def solve(bits: np.ndarray, error: np.ndarray, budget_bits: int, resolution: int = 20_000) -> list[int]:

@@ -348,6 +348,14 @@ def baseline_run(
         str | None,
         typer.Option(help="With --methods allocate: comma-separated budgets in true bits per weight, e.g. 3.25,4.25."),
     ] = None,
+    proxy: Annotated[
+        str,
+        typer.Option(
+            help="With --methods allocate: the per-layer quality proxy. kl: the KL with only that layer quantized, "
+            "one evaluation per (layer, config); hessian: the layer's output error tr(dW H dW^T) scaled to KL by one "
+            "evaluation per layer (for larger models)."
+        ),
+    ] = "kl",
     bits: Annotated[str, typer.Option(help="Comma-separated weight bit-widths (2-8).")] = "2,3,4,8",
     group: Annotated[
         str,
@@ -385,6 +393,10 @@ def baseline_run(
     method_list = [m for m in method_list if m != "allocate"]
     if allocating != bool(budgets):
         raise QoptError("--methods allocate needs --budget B[,B...], and --budget needs --methods allocate")
+    from qopt.allocate import PROXIES
+
+    if proxy not in PROXIES:
+        raise QoptError(f"--proxy {proxy!r}: choose one of {', '.join(PROXIES)}")
     baselines.schemes(method_list, bit_list, group_size=None)  # a bad method or bit-width fails before loading
     groups = None if group == "auto" else [g or None for g in _csv(group, "--group", int)]
     overrides = {"seq_len": seq_len, "batch_size": batch_size, "search_windows": windows, "eval_windows": windows}
@@ -415,11 +427,11 @@ def baseline_run(
     if allocating:
         from qopt.allocate import allocate, measure_costs, menu, proxy_fit
 
-        costs = measure_costs(evaluator, menu(groups[0]), progress=not as_json)
+        costs = measure_costs(evaluator, menu(groups[0]), proxy=proxy, progress=not as_json)
         rho, pairs = proxy_fit(evaluator, costs, progress=not as_json)
         if not as_json:
             typer.echo(
-                f"allocator: {len(costs.menu)} configs per layer; its additive proxy ranks {len(pairs)} random "
+                f"allocator: {len(costs.menu)} configs per layer; its additive {proxy} proxy ranks {len(pairs)} random "
                 f"mixtures by search KL with Spearman rho {rho:.3f}",
                 err=True,
             )

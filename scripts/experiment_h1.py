@@ -21,11 +21,16 @@ On one model and one text (default: the demo study's, stories260K on TinyStories
    held-out text, as a user would choose — and their held-out KL, perplexity and
    top-1 (searches: mean ± half the range over seeds, and every seed's KL).
 
+With `--shipped-only` (for models where the full sweep costs CPU days) only step 4
+runs, and the baselines and the allocator are the shipped study's own seed trials.
+
 Writes `docs/results/<model>.md` and `docs/results/<model>-fronts.html` (plotly, the
 library loaded from its CDN to keep the file small). Studies go to `runs/h1/`.
 
     python scripts/experiment_h1.py            # the committed run
     python scripts/experiment_h1.py --quick    # a smoke run: fewer trials, seeds and baselines
+    python scripts/experiment_h1.py --config studies/smollm2-135m.yaml --name smollm2-135m-h1 \
+        --shipped-only --budgets 3.3,4.3 --seeded-trials 60
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from qopt.data import load_text
 from qopt.evaluate import Evaluator
 from qopt.model import load_model
 from qopt.strategy import LayerConfig
+from qopt.study.allocation import COSTS_ATTR_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (2.5, 3.0, 3.25, 4.25)
@@ -75,7 +81,7 @@ class Point:
     top1: float
 
 
-def measure_baselines(config: qstudy.StudyConfig, quick: bool) -> list[Point]:
+def measure_baselines(config: qstudy.StudyConfig, quick: bool, budgets: tuple[float, ...]) -> list[Point]:
     """Every baseline scheme on both parts; group sizes are those the model's layers allow."""
     lm = load_model(config.model, device=config.device)
     evaluator = Evaluator.from_text(lm, load_text(config.data), config.eval)
@@ -90,7 +96,7 @@ def measure_baselines(config: qstudy.StudyConfig, quick: bool) -> list[Point]:
         for symmetric in ((False,) if method == "hqq" else (False, True))
     ]
     costs = measure_costs(evaluator, menu(qbaselines.fitting_group_size(lm.units)))
-    chosen += [qbaselines.Allocation(b, allocate(costs, b)) for b in BUDGETS]
+    chosen += [qbaselines.Allocation(b, allocate(costs, b)) for b in budgets]
     points = []
     for result in qbaselines.run(evaluator, chosen):
         h = result.held_out
@@ -104,13 +110,23 @@ def search_config(base: qstudy.StudyConfig, families: tuple[str, ...], seed: int
     return dataclasses.replace(base, budget_bpw=SEARCH_BUDGET, seed=seed, baselines=(), search=search)
 
 
-def fresh_launch(config: qstudy.StudyConfig, name: str, url: str, trials: int) -> float:
-    """Create study `name` afresh (a rerun starts clean) and run `trials`; returns the seconds taken."""
+def fresh_launch(config: qstudy.StudyConfig, name: str, url: str, trials: int, costs_from: str | None = None) -> float:
+    """Create study `name` afresh (a rerun starts clean) and run `trials`; returns the seconds taken.
+
+    `costs_from` names a study of the same model and data whose stored allocator costs are
+    copied in first: they do not depend on the sampler seed, so later seeds skip measuring them.
+    """
     try:
         optuna.delete_study(study_name=name, storage=url)
     except KeyError:
         pass
     qstudy.create(name, config, url)
+    if costs_from is not None:
+        source = optuna.load_study(study_name=costs_from, storage=url).user_attrs
+        target = optuna.load_study(study_name=name, storage=url)
+        for key, value in source.items():
+            if key.startswith(COSTS_ATTR_PREFIX):
+                target.set_user_attr(key, value)
     start = time.perf_counter()
     qstudy.launch(name, n_trials=trials, url=url, progress=True)
     return time.perf_counter() - start
@@ -127,14 +143,33 @@ def run_search(config: qstudy.StudyConfig, name: str, url: str, trials: int, sou
     ]
 
 
-def run_seeded(config: qstudy.StudyConfig, name: str, url: str, trials: int) -> list[Point]:
-    """The shipped study config at one seed; per budget, the point `qopt study best` returns."""
-    seconds = fresh_launch(config, name, url, trials)
+def run_seeded(
+    config: qstudy.StudyConfig,
+    name: str,
+    url: str,
+    trials: int,
+    budgets: tuple[float, ...],
+    with_seeds: bool = False,
+    costs_from: str | None = None,
+) -> list[Point]:
+    """The shipped study config at one seed; per budget, the point `qopt study best` returns.
+    With `with_seeds`, also its seed trials (human schemes and allocator) as baseline points."""
+    seconds = fresh_launch(config, name, url, trials, costs_from)
     print(f"  {name}: {trials} trials in {seconds:.0f} s")
     study, _ = qstudy.load(name, url)
     run = qstudy.SearchRun(config)
     points = []
-    for budget in BUDGETS:
+    if with_seeds:
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            label = trial.user_attrs.get("baseline")
+            if label is None:
+                continue
+            h = run.measure_held_out(study, trial)
+            source = "allocator" if label.startswith("Allocator") else "baseline"
+            points.append(
+                Point(source, label, None, trial.user_attrs["bpw"], trial.values[0], h["kl"], h["ppl"], h["top1"])
+            )
+    for budget in budgets:
         try:
             trial, _ = qstudy.best(name, budget, url, candidates=5)
         except Exception:  # noqa: BLE001 - nothing under this budget
@@ -159,23 +194,43 @@ def _spread(values: list[float]) -> str:
 
 
 def report(
-    model: str, points: list[Point], seeds: list[int], trials: int, minutes: float, command: str, genes: dict
+    model: str,
+    points: list[Point],
+    seeds: list[int],
+    trials: int | None,
+    minutes: float,
+    command: str,
+    genes: dict,
+    config: str,
+    budgets: tuple[float, ...],
+    shipped_trials: int,
 ) -> str:
+    targets = " and ".join(f"{b:g}" for b in budgets)
+    shipped = (
+        f"The shipped config (`{config}`, {shipped_trials} trials per seed, seeds {seeds}) seeds its study with "
+        f"human schemes and the allocator and refines at {targets} bpw; its row is what `qopt study best "
+        "--max-bpw B` returns (the 5 best by search KL, re-ranked on the validation part)."
+    )
+    if trials is None:
+        setup = (
+            f"{shipped} The baseline and allocator rows are that study's seed trials (the allocator as the config "
+            "describes it); the best baseline at a budget is the one with the least search KL, as a user would choose."
+        )
+    else:
+        setup = (
+            f"Unseeded searches: {trials} trials each, seeds {seeds}, budget {SEARCH_BUDGET} bpw, base config "
+            f"`{genes}`, no human scheme as a seed; the bits-only space searches only per-layer bit-widths over "
+            f"that base (the EvoPress-style ablation). {shipped} The allocator chooses per layer among bits 2-8 x "
+            "{per-channel sym, g64 asym} x {RTN, GPTQ} by per-layer KL on all search windows."
+        )
     lines = [
         f"# H1 on {model}: searched strategies vs human-designed schemes",
         "",
-        f"`{command}` — {minutes:.0f} min on {torch.get_num_threads()} CPU threads. Unseeded searches: {trials} "
-        f"trials each, seeds {seeds}, budget {SEARCH_BUDGET} bpw, base config `{genes}`, no human scheme "
-        "as a seed; the bits-only space searches only per-layer bit-widths over that base (the "
-        "EvoPress-style ablation). The shipped config (`studies/stories260k.yaml`, as `make demo` runs it) "
-        "seeds its study with the human schemes and the allocator and refines at 3.25 and 4.25 bpw; its "
-        "row is what `qopt study best --max-bpw B` returns (the 5 best by search KL, re-ranked on the "
-        "validation part). The allocator chooses per layer among bits 2-8 x {per-channel sym, g64 asym} x "
-        "{RTN, GPTQ} by per-layer KL on all search windows. All metrics below are on the evaluation "
-        "part, which no search, no allocator and no calibration saw.",
+        f"`{command}` — {minutes:.0f} min on {torch.get_num_threads()} CPU threads. {setup} All metrics below "
+        "are on the evaluation part, which no search, no allocator and no calibration saw.",
         "",
     ]
-    for budget in BUDGETS:
+    for budget in budgets:
         lines += [
             f"## ≤ {budget} bpw",
             "",
@@ -194,6 +249,8 @@ def report(
         if a is not None:
             lines.append(f"| allocator | {a.bpw:.3f} | {a.kl:.4f} | {a.ppl:.3f} | {a.top1:.1%} | ({a.search_kl:.4f}) |")
         for source, title in SEARCHES:
+            if trials is None and source != "seeded":
+                continue
             if source == "seeded":
                 chosen = [
                     next(
@@ -222,7 +279,7 @@ def report(
     return "\n".join(lines) + "\n"
 
 
-def figure(model: str, points: list[Point]) -> go.Figure:
+def figure(model: str, points: list[Point], budgets: tuple[float, ...]) -> go.Figure:
     fig = go.Figure()
     colors = {"bits-only": "#2ca02c", "full": "#1f77b4", "seeded": "#9467bd"}
     for source in ("bits-only", "full", "seeded"):
@@ -244,7 +301,7 @@ def figure(model: str, points: list[Point]) -> go.Figure:
     _markers(
         fig, [p for p in points if p.source == "baseline"], "baselines (RTN, GPTQ, AWQ, HQQ)", "#d62728", "diamond"
     )
-    for budget in BUDGETS:
+    for budget in budgets:
         fig.add_vline(x=budget, line_dash="dot", line_color="#999")
     fig.update_layout(
         title=f"H1 on {model}: fronts and baselines, evaluation part",
@@ -284,6 +341,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 80 trials, 2 seeds, RTN/GPTQ at 3-4 bits")
     parser.add_argument("--name", default="stories260k", help="report name under docs/results/")
     parser.add_argument(
+        "--budgets", default=",".join(f"{b:g}" for b in BUDGETS), help="comma-separated bpw budgets to report"
+    )
+    parser.add_argument(
+        "--shipped-only",
+        action="store_true",
+        help="only the shipped config's studies; baselines and allocator are their seed trials",
+    )
+    parser.add_argument("--seeds", default=None, help="comma-separated sampler seeds (default 0,1,2; quick 0,1)")
+    parser.add_argument(
         "--base",
         default="{}",
         help='JSON genes over the default base (4-bit GPTQ g64 asym), e.g. \'{"granularity": "channel"}\'',
@@ -295,26 +361,32 @@ def main() -> None:
     started = time.perf_counter()
     base = qstudy.StudyConfig.load(args.config)
     trials = args.trials or (80 if args.quick else 800)
-    seeds = [0, 1] if args.quick else [0, 1, 2]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([0, 1] if args.quick else [0, 1, 2])
+    budgets = tuple(float(b) for b in args.budgets.split(","))
     runs = ROOT / "runs" / "h1"
     runs.mkdir(parents=True, exist_ok=True)
     database = f"{args.name}-quick.db" if args.quick else f"{args.name}.db"
     url = f"sqlite:///{runs / database}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    print("baselines")
-    points = measure_baselines(base, args.quick)
-    print(f"  {len(points)} schemes measured")
-    for families, source in (
-        (("bits",), "bits-only"),
-        (("bits", "scaling", "format", "outliers", "rounding", "arithmetic"), "full"),
-    ):
-        for seed in seeds:
-            config = search_config(base, families, seed, genes)
-            points += run_search(config, f"h1-{source}-{seed}", url, trials, source)
+    points: list[Point] = []
+    if not args.shipped_only:
+        print("baselines")
+        points = measure_baselines(base, args.quick, budgets)
+        print(f"  {len(points)} schemes measured")
+        for families, source in (
+            (("bits",), "bits-only"),
+            (("bits", "scaling", "format", "outliers", "rounding", "arithmetic"), "full"),
+        ):
+            for seed in seeds:
+                config = search_config(base, families, seed, genes)
+                points += run_search(config, f"h1-{source}-{seed}", url, trials, source)
     shipped = args.seeded_trials or (80 if args.quick else 450)
-    for seed in seeds:
-        points += run_seeded(dataclasses.replace(base, seed=seed), f"h1-seeded-{seed}", url, shipped)
+    for i, seed in enumerate(seeds):
+        config = dataclasses.replace(base, seed=seed)
+        with_seeds = args.shipped_only and i == 0  # seed trials are the same strategies in every seed's study
+        costs_from = f"h1-seeded-{seeds[0]}" if i else None
+        points += run_seeded(config, f"h1-seeded-{seed}", url, shipped, budgets, with_seeds, costs_from)
 
     out = ROOT / "docs" / "results"
     out.mkdir(parents=True, exist_ok=True)
@@ -322,8 +394,10 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
     command = " ".join(["python scripts/experiment_h1.py", *sys.argv[1:]])
     model = base.model.rstrip("/").split("/")[-2]
-    (out / f"{name}.md").write_text(report(model, points, seeds, trials, minutes, command, genes))
-    figure(name, points).write_html(out / f"{name}-fronts.html", include_plotlyjs="cdn")
+    searched = None if args.shipped_only else trials
+    text = report(model, points, seeds, searched, minutes, command, genes, args.config, budgets, shipped)
+    (out / f"{name}.md").write_text(text)
+    figure(name, points, budgets).write_html(out / f"{name}-fronts.html", include_plotlyjs="cdn")
     print(f"wrote {out / f'{name}.md'} and {out / f'{name}-fronts.html'} ({minutes:.1f} min)")
 
 

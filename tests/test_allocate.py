@@ -7,8 +7,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-from qopt.allocate import allocate, measure_costs, menu, proxy_fit, solve
+from qopt.allocate import allocate, anchor, measure_costs, menu, output_error, proxy_fit, solve
 from qopt.errors import QoptError
 from qopt.evaluate import EvalSettings, Evaluator
 from tests.conftest import random_split, tiny_model
@@ -77,6 +78,46 @@ def test_measured_costs_and_allocations(costs_and_evaluator):
     assert len(pairs) == 8 and -1.0 <= rho <= 1.0
 
 
+def test_output_error_is_the_mean_squared_output_error_per_token():
+    torch.manual_seed(0)
+    w, x = torch.randn(6, 8), torch.randn(50, 8)
+    w_hat = w + 0.1 * torch.randn(6, 8)
+    hessian = x.T @ x / len(x)
+    per_token = ((x @ (w_hat - w).T) ** 2).sum(1).mean()
+    assert output_error(w, w_hat, hessian) == pytest.approx(float(per_token), rel=1e-5)
+
+
+def test_the_hessian_proxy_is_anchored_on_the_kl_proxy_and_ranks_like_it(costs_and_evaluator):
+    """One single-layer KL per layer (the anchor config) scales the output errors into KL:
+    the anchor column is the KL proxy's, and the other configs rank as the KL proxy ranks them."""
+    kl_costs, evaluator = costs_and_evaluator
+    costs = measure_costs(evaluator, menu(32), proxy="hessian", progress=False)
+    pivot = anchor(costs.menu)
+    assert costs.menu[pivot].bits == 3 and costs.menu[pivot].rounding == "nearest"
+    assert costs.error[:, pivot] == pytest.approx(kl_costs.error[:, pivot], rel=1e-9)
+    assert (costs.bits == kl_costs.bits).all()
+    fp16 = [j for j, c in enumerate(costs.menu) if not c.quantizes_weights]
+    assert (costs.error[:, fp16] == 0).all()
+    for scaling in ("channel", "group"):  # fewer bits, more error, layer by layer
+        columns = [j for j, c in enumerate(costs.menu) if c.granularity == scaling and c.rounding == "nearest"]
+        assert (np.diff(costs.error[:, columns], axis=1) < 0).all()
+    quantized = [j for j, c in enumerate(costs.menu) if c.quantizes_weights]
+    a, b = costs.error[:, quantized].ravel(), kl_costs.error[:, quantized].ravel()
+    rank_a, rank_b = a.argsort().argsort(), b.argsort().argsort()
+    assert np.corrcoef(rank_a, rank_b)[0, 1] > 0.9
+
+
+def test_an_unknown_proxy_is_refused(monkeypatch, capsys, costs_and_evaluator):
+    _, evaluator = costs_and_evaluator
+    with pytest.raises(QoptError, match="unknown allocator proxy"):
+        measure_costs(evaluator, menu(32), proxy="fisher", progress=False)
+    code, _, err = run(
+        monkeypatch, capsys, "baseline", "run", "-m", "x", "-d", "y", "--methods", "allocate", "--budget", "3",
+        "--proxy", "fisher",
+    )  # fmt: skip
+    assert code == 2 and "--proxy 'fisher'" in err
+
+
 def test_baseline_run_allocates_at_each_budget(monkeypatch, capsys, tiny_llama_dir, small_text):
     code, out, err = run(
         monkeypatch, capsys, "baseline", "run", "-m", str(tiny_llama_dir), "-d", str(small_text),
@@ -143,7 +184,7 @@ def test_allocate_entries_seed_a_study_at_launch(tmp_path, tiny_llama_dir, small
         data=str(small_text),
         budget_bpw=4.5,
         population=4,
-        baselines=(3, {"allocate": 3.5, "windows": 1}, {"allocate": 4.5, "windows": 1}),
+        baselines=(3, {"allocate": 3.5, "windows": 1}, {"allocate": 4.5, "windows": 1, "proxy": "hessian"}),
         eval=EvalSettings(seq_len=64, search_windows=2, eval_windows=2, calib_windows=2, batch_size=2),
         search=SearchConfig(
             families=("bits", "rounding"), group_sizes=(32,), base=FP16.evolve(bits=4, group_size=32, rounding="gptq")
@@ -158,6 +199,7 @@ def test_allocate_entries_seed_a_study_at_launch(tmp_path, tiny_llama_dir, small
     for trial, budget in zip(study.trials[1:3], (3.5, 4.5), strict=True):
         assert trial.state.name == "COMPLETE" and trial.user_attrs["bpw"] <= budget
     stored = study.user_attrs[f"{COSTS_ATTR_PREFIX}1"]
+    assert f"{COSTS_ATTR_PREFIX}hessian:1" in study.user_attrs  # each proxy's costs, stored apart
     space = qstudy.SearchRun(config).space
     # The menu is what this space can express: its bits, its base's scaling, both roundings.
     assert len(stored["menu"]) == len(space_menu(space)) == 6 * 2 + 1
@@ -171,7 +213,8 @@ def test_malformed_allocate_entries_are_refused(tiny_llama_dir, small_text):
     for entry, message in (
         ({"allocate": -1}, "positive budget"),
         ({"allocate": 3, "windows": 0}, "positive number of search windows"),
-        ({"allocate": 3, "bits": 4}, "only allocate and windows"),
+        ({"allocate": 3, "bits": 4}, "only allocate, windows and proxy"),
+        ({"allocate": 3, "proxy": "fisher"}, "must be one of kl, hessian"),
     ):
         with pytest.raises(QoptError, match=message):
             qstudy.StudyConfig(model=str(tiny_llama_dir), data=str(small_text), baselines=(entry,))

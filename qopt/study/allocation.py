@@ -9,7 +9,7 @@ The allocator chooses among the menu configs this search space can express
 (`space_menu`), one per gene group (a group's cost is the sum of its layers'),
 so its strategy decodes exactly from trial params. The per-layer costs are
 measured once per study, by the first launch that finds a seed missing, and
-stored in the study's user attributes (`COSTS_ATTR_PREFIX`): later launches,
+stored in the study's user attributes (`costs_key`): later launches,
 other workers and other machines read them instead of measuring again.
 """
 
@@ -76,7 +76,7 @@ def enqueue_seeds(study: optuna.Study, run, progress: bool = True) -> list[str]:
     space = run.space
     names = []
     for seed in missing_seeds(study, run.config):
-        costs = _costs(study, run, seed.windows, progress)
+        costs = _costs(study, run, seed, progress)
         grouped = costs.merged({g.name: [u.name for u in g.units] for g in space.groups})
         choice = solve(grouped.bits, grouped.error, int(seed.budget_bpw * grouped.n_weights))
         genome = {g.name: grouped.menu[c] for g, c in zip(space.groups, choice, strict=True)}
@@ -85,19 +85,26 @@ def enqueue_seeds(study: optuna.Study, run, progress: bool = True) -> list[str]:
     return names
 
 
-def _costs(study: optuna.Study, run, windows: int | None, progress: bool) -> LayerCosts:
-    key = f"{COSTS_ATTR_PREFIX}{windows or 'all'}"
+def costs_key(seed: AllocatorSeed) -> str:
+    """The study user attribute holding the costs `seed` is solved from (shared by
+    seeds with the same proxy and windows)."""
+    proxy = "" if seed.proxy == "kl" else f"{seed.proxy}:"
+    return f"{COSTS_ATTR_PREFIX}{proxy}{seed.windows or 'all'}"
+
+
+def _costs(study: optuna.Study, run, seed: AllocatorSeed, progress: bool) -> LayerCosts:
+    key, windows = costs_key(seed), seed.windows
     stored = run.db("reading the allocator's costs", lambda: study.user_attrs.get(key))
     if stored is not None:
         return LayerCosts.from_dict(stored, run.space.config_class)
     configs = space_menu(run.space)
     n_layers = len(run.space.units)
     print(
-        f"allocator: measuring {n_layers} layers x {len(configs) - 1} configs on "
+        f"allocator: measuring {n_layers} layers x {len(configs) - 1} configs ({seed.proxy} proxy) on "
         f"{windows or 'all'} search windows (once per study)",
         file=sys.stderr,
         flush=True,
     )
-    costs = measure_costs(run.evaluator, configs, windows=windows, progress=progress)
+    costs = measure_costs(run.evaluator, configs, windows=windows, proxy=seed.proxy, progress=progress)
     run.db("storing the allocator's costs", study.set_user_attr, key, costs.to_dict())
     return costs

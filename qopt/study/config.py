@@ -15,6 +15,7 @@ from typing import Any
 
 import optuna
 
+from qopt.allocate import PROXIES
 from qopt.baselines import label
 from qopt.errors import QoptError
 from qopt.evaluate import EvalSettings
@@ -144,10 +145,12 @@ class StudyConfig:
 @dataclass(frozen=True)
 class AllocatorSeed:
     """A `{allocate: B}` baseline entry: the allocator's strategy at `budget_bpw`,
-    its per-layer sensitivities measured on `windows` search windows (None: all)."""
+    its per-layer sensitivities measured with `proxy` (`qopt.allocate.PROXIES`) on
+    `windows` search windows (None: all)."""
 
     budget_bpw: float
     windows: int | None = None
+    proxy: str = "kl"
 
     @property
     def name(self) -> str:
@@ -161,15 +164,19 @@ def allocator_seeds(config: StudyConfig) -> list[AllocatorSeed]:
     for i, entry in enumerate(config.baselines):
         if not (isinstance(entry, Mapping) and "allocate" in entry):
             continue
-        unknown = set(entry) - {"allocate", "windows"}
+        unknown = set(entry) - {"allocate", "windows", "proxy"}
         if unknown:
-            raise QoptError(f"baselines[{i}]: an allocate entry takes only allocate and windows, not {sorted(unknown)}")
-        budget, windows = entry["allocate"], entry.get("windows")
+            raise QoptError(
+                f"baselines[{i}]: an allocate entry takes only allocate, windows and proxy, not {sorted(unknown)}"
+            )
+        budget, windows, proxy = entry["allocate"], entry.get("windows"), entry.get("proxy", "kl")
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
             raise QoptError(f"baselines[{i}].allocate: {budget!r} must be a positive budget in bits per weight")
         if windows is not None and (isinstance(windows, bool) or not isinstance(windows, int) or windows < 1):
             raise QoptError(f"baselines[{i}].windows: {windows!r} must be a positive number of search windows")
-        seeds.append(AllocatorSeed(float(budget), windows))
+        if proxy not in PROXIES:
+            raise QoptError(f"baselines[{i}].proxy: {proxy!r} must be one of {', '.join(PROXIES)}")
+        seeds.append(AllocatorSeed(float(budget), windows, proxy))
     return seeds
 
 
