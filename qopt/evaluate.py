@@ -291,7 +291,8 @@ class Evaluator:
         """
         batch = self.settings.batch_size
         head = min(self.settings.screen_windows, len(windows))
-        slices = [slice(0, head)] + [slice(s, s + batch) for s in range(head, len(windows), batch)]
+        # Stops clipped to the windows given: a slice also indexes the reference, which may hold more.
+        slices = [slice(0, head)] + [slice(s, min(s + batch, len(windows))) for s in range(head, len(windows), batch)]
         capture = HeadInput(self.lm.model)
         with torch.inference_mode():
             for idx in tqdm(slices, desc=label, disable=not self.progress, leave=False):

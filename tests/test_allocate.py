@@ -169,6 +169,22 @@ def test_low_fidelity_costs_score_only_the_first_windows(costs_and_evaluator):
         evaluator.evaluate(strategy, "search", windows=0)
 
 
+@pytest.mark.parametrize("windows", [2, 3])
+def test_low_fidelity_scores_end_inside_a_batch(windows):
+    """First batch 1 window, then batches of 4: scoring 2 or 3 of 4 windows ends inside the
+    second batch, and each window is still compared with its own reference."""
+    evaluator = Evaluator(
+        tiny_model("llama"), random_split(n_search=4, seq_len=32), EvalSettings(batch_size=4, screen_windows=1)
+    )
+    from qopt.strategy import FP16, Strategy
+
+    blocks = [u.name for u in evaluator.lm.units if ".mlp." in u.name]
+    unquantized = evaluator.evaluate(Strategy(layers=dict.fromkeys(blocks, FP16)), "search", windows=windows)
+    assert unquantized.tokens == windows * 32 and abs(unquantized.kl) < 1e-4
+    quantized = Strategy(layers=dict.fromkeys(blocks, menu(32)[0]))  # int2 per channel
+    assert evaluator.evaluate(quantized, "search", windows=windows).kl > 1e-3
+
+
 def test_allocate_entries_seed_a_study_at_launch(tmp_path, tiny_llama_dir, small_text):
     """`{allocate: B}` baselines: the first launch measures the costs once, stores them in the
     study and enqueues the allocator's strategy at each budget; a relaunch reuses them."""
