@@ -51,6 +51,9 @@ ALLOCATOR_ROUNDINGS = ("nearest", "gptq")
 #: Quality proxies `measure_costs` knows (see the module docstring).
 PROXIES = ("kl", "hessian")
 
+_Units = Sequence[QuantUnit]
+_Menu = Sequence[LayerConfig]
+
 
 def menu(
     group_size: int | None, bits: Sequence[int] = ALLOCATOR_BITS, roundings: Sequence[str] = ALLOCATOR_ROUNDINGS
@@ -175,28 +178,17 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) ->
     return float(((d @ hessian.double()) * d).sum())
 
 
-def _kl_errors(
-    evaluator: Evaluator,
-    units: Sequence[QuantUnit],
-    configs: Sequence[LayerConfig],
-    windows: int | None,
-    progress: bool,
-) -> np.ndarray:
+def _kl_errors(evaluator: Evaluator, units: _Units, configs: _Menu, windows: int | None, progress: bool) -> np.ndarray:
     evaluator.quantizer.prepare([{u.name: c for u in units} for c in configs])  # calibration once, if needed
     error = np.zeros((len(units), len(configs)))
     jobs = [(i, j) for i in range(len(units)) for j, c in enumerate(configs) if c.quantizes_weights]
     for i, j in tqdm(jobs, desc="layer sensitivity", disable=not progress):
-        strategy = Strategy(layers={units[i].name: configs[j]})
-        error[i, j] = max(evaluator.evaluate(strategy, "search", windows=windows).kl, 0.0)
+        error[i, j] = _single_layer_kl(evaluator, units[i], configs[j], windows)
     return error
 
 
 def _hessian_errors(
-    evaluator: Evaluator,
-    units: Sequence[QuantUnit],
-    configs: Sequence[LayerConfig],
-    windows: int | None,
-    progress: bool,
+    evaluator: Evaluator, units: _Units, configs: _Menu, windows: int | None, progress: bool
 ) -> np.ndarray:
     stats = evaluator.quantizer.activation_stats(hessians=True)
     assert stats.hessian is not None
@@ -210,9 +202,14 @@ def _hessian_errors(
                 stored, transform = quantize_unit(unit.name, w, config, stats, seed=0)
                 assert stored is not None
                 error[i, j] = output_error(w, to_original_basis(stored.values, transform), hessian)
-        kl = max(evaluator.evaluate(Strategy(layers={unit.name: configs[pivot]}), "search", windows=windows).kl, 0.0)
+        kl = _single_layer_kl(evaluator, unit, configs[pivot], windows)
         error[i] *= kl / error[i, pivot] if error[i, pivot] > 0 else 0.0
     return error
+
+
+def _single_layer_kl(evaluator: Evaluator, unit: QuantUnit, config: LayerConfig, windows: int | None) -> float:
+    """Search-part KL (nats/token) with only `unit` quantized as `config` (floored at 0)."""
+    return max(evaluator.evaluate(Strategy(layers={unit.name: config}), "search", windows=windows).kl, 0.0)
 
 
 def solve(bits: np.ndarray, error: np.ndarray, budget_bits: int, resolution: int = 20_000) -> list[int]:

@@ -83,10 +83,11 @@ class Candidate:
     """One of the best trials under a bpw: its search-part quality (the first objective)
     and, when the study's text has a validation part, its KL there (nats/token)."""
 
-    trial: int
+    trial: int  # the trial's number in its study
     bpw: float
     search: float
     validation_kl: float | None
+    trial_id: int  # its storage id (what `load_trial` reads)
 
 
 def best(
@@ -103,8 +104,7 @@ def best(
     study, config = load(name, url)
     ranked = shortlist(name, max_bpw, url, candidates, progress)
     chosen = min(ranked, key=lambda c: c.validation_kl if c.validation_kl is not None else c.search)
-    trial_id = next(t.trial_id for t in trial_summaries(study) if t.number == chosen.trial)
-    trial = load_trial(study, trial_id)
+    trial = load_trial(study, chosen.trial_id)
     return trial, _strategy_of(name, config, trial)
 
 
@@ -137,9 +137,9 @@ def shortlist(
                 break  # no validation part: rank by search-part quality alone
             validation = run.measure_part(study, load_trial(study, t.trial_id), "validation")
         kl = validation["kl"] if validation is not None else None
-        out.append(Candidate(t.number, t.user_attrs["bpw"], t.values[0], kl))
+        out.append(Candidate(t.number, t.user_attrs["bpw"], t.values[0], kl, t.trial_id))
     if len(out) < len(top):
-        out = [Candidate(t.number, t.user_attrs["bpw"], t.values[0], None) for t in top]
+        out = [Candidate(t.number, t.user_attrs["bpw"], t.values[0], None, t.trial_id) for t in top]
     return out
 
 
