@@ -370,6 +370,13 @@ def baseline_run(
     ] = None,
     seq_len: SeqLenOpt = None,
     batch_size: BatchSizeOpt = None,
+    calibration: Annotated[
+        str | None,
+        typer.Option(
+            help="Where GPTQ/AWQ/SmoothQuant statistics come from: search (the first scored search windows; "
+            "the default) or apart (search-half windows never scored, so search KL is not in-sample)."
+        ),
+    ] = None,
     dtype: DtypeOpt = "float32",
     study_name: Annotated[
         str | None,
@@ -399,7 +406,13 @@ def baseline_run(
         raise QoptError(f"--proxy {proxy!r}: choose one of {', '.join(PROXIES)}")
     baselines.schemes(method_list, bit_list, group_size=None)  # a bad method or bit-width fails before loading
     groups = None if group == "auto" else [g or None for g in _csv(group, "--group", int)]
-    overrides = {"seq_len": seq_len, "batch_size": batch_size, "search_windows": windows, "eval_windows": windows}
+    overrides = {
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "search_windows": windows,
+        "eval_windows": windows,
+        "calibration": calibration,
+    }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if study_name is not None:
         from qopt import study
@@ -408,7 +421,9 @@ def baseline_run(
         if model is not None or data is not None:
             raise QoptError("--study measures on the study's own model and data; drop --model and --data")
         if overrides:
-            raise QoptError("--study measures with the study's own evaluation settings; drop --windows/--seq-len")
+            raise QoptError(
+                "--study measures with the study's own evaluation settings; drop --windows/--seq-len/--calibration"
+            )
         run = study.SearchRun(dataclasses.replace(config, device=device or config.device))
         evaluator = run.evaluator
     else:
@@ -439,9 +454,9 @@ def baseline_run(
     if not as_json:
         parts = evaluator.split
         typer.echo(
-            f"{len(chosen)} schemes; calibration on {min(evaluator.settings.calib_windows, len(parts.search))} "
-            f"search windows; search KL on {len(parts.search)} windows, held out on {len(parts.eval)}, "
-            f"of {parts.eval.shape[1]} tokens each",
+            f"{len(chosen)} schemes; calibration on {len(evaluator.calibration_windows)} search-half windows "
+            f"({evaluator.settings.calibration}); search KL on {len(parts.search)} windows, "
+            f"held out on {len(parts.eval)}, of {parts.eval.shape[1]} tokens each",
             err=True,
         )
     header = (

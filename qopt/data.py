@@ -80,12 +80,15 @@ class TokenSplit:
 
     `validation` ([n_validation, seq_len], possibly empty) are windows of the search
     half that the search never scores: what picks among a search's best members
-    without touching the held-out `eval` part.
+    without touching the held-out `eval` part. `calibration` ([n_calibration, seq_len],
+    possibly empty) are further search-half windows, neither scored nor validating: what
+    GPTQ/AWQ statistics come from when calibration is kept apart from the scored text.
     """
 
     search: torch.Tensor
     eval: torch.Tensor
     validation: torch.Tensor | None = None
+    calibration: torch.Tensor | None = None
 
     def part(self, name: str) -> torch.Tensor:
         if name not in PARTS:
@@ -107,18 +110,20 @@ def split_windows(
     max_windows: tuple[int | None, int | None] = (None, None),
     seed: int = 0,
     validation_windows: int = 0,
+    calibration_windows: int = 0,
 ) -> TokenSplit:
     """Cut a token stream into the search and evaluation parts, then into windows.
 
     The parts are contiguous and disjoint (search first). If a part has more
     windows than its cap in `max_windows` (search, eval), a seeded random
     subset is kept, in stream order. Up to `validation_windows` of the search
-    half's windows left out of that subset form the validation part.
+    half's windows left out of that subset form the validation part, and up to
+    `calibration_windows` of those left after it the calibration part.
     """
     if not 0.0 < search_fraction < 1.0:
         raise QoptError(f"search_fraction must be in (0, 1), got {search_fraction}")
     cut = int(len(ids) * search_fraction)
-    parts, spare = [], []
+    parts, spare, calibration = [], [], []
     for tokens, cap, offset in ((ids[:cut], max_windows[0], 0), (ids[cut:], max_windows[1], 1)):
         n = len(tokens) // seq_len
         if n == 0:
@@ -128,5 +133,7 @@ def split_windows(
         if cap is not None and n > cap:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 2 + offset))
         parts.append(windows[order[:cap].sort().values])
-        spare.append(windows[order[cap:][:validation_windows].sort().values] if cap is not None else windows[:0])
-    return TokenSplit(search=parts[0], eval=parts[1], validation=spare[0])
+        rest = order[cap:] if cap is not None else order[:0]
+        spare.append(windows[rest[:validation_windows].sort().values])
+        calibration.append(windows[rest[validation_windows:][:calibration_windows].sort().values])
+    return TokenSplit(search=parts[0], eval=parts[1], validation=spare[0], calibration=calibration[0])

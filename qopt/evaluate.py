@@ -43,13 +43,21 @@ from qopt.strategy import Strategy
 _LOGITS_CHUNK_BYTES = 64 * 2**20
 
 
+#: Where calibration windows come from (`EvalSettings.calibration`).
+CALIBRATION_SOURCES = ("search", "apart")
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     """How text becomes evaluation windows.
 
     `seq_len` is tokens per window, capped by the model's context length.
     `search_windows` / `eval_windows` cap the windows used per part (a seeded
-    subset); `calib_windows` are taken from the search part for calibration.
+    subset). `calib_windows` windows of the search half feed calibration (GPTQ
+    Hessians, AWQ/SmoothQuant activation scales); `calibration` says which:
+    "search", the first of the scored search windows (what GPTQ fits is then
+    also what scores it: an optimistic search KL for GPTQ-rounded layers), or
+    "apart", search-half windows that are neither scored nor validating.
     `screen_windows` is the first batch: the low-fidelity look at a strategy.
     `validation_windows` caps the validation part: search-half windows the
     search never scores, which choose among its best members (0: none).
@@ -72,8 +80,11 @@ class EvalSettings:
     weight_cache_mib: int = 1024
     calibration_cache: bool = True
     calib_memory_mib: int = 1024
+    calibration: str = "search"
 
     def __post_init__(self) -> None:
+        if self.calibration not in CALIBRATION_SOURCES:
+            raise QoptError(f"eval.calibration: {self.calibration!r} is not one of {', '.join(CALIBRATION_SOURCES)}")
         names = ("seq_len", "search_windows", "eval_windows", "calib_windows", "batch_size", "screen_windows")
         for name in (*names, "calib_memory_mib"):
             if getattr(self, name) < 1:
@@ -162,6 +173,15 @@ class Evaluator:
         self.split = split
         self.settings = settings
         self.progress = progress
+        if settings.calibration == "apart":
+            have = 0 if split.calibration is None else len(split.calibration)
+            if have < settings.calib_windows:
+                raise QoptError(
+                    f"eval.calibration: apart needs {settings.calib_windows} search-half windows beyond the "
+                    f"{len(split.search)} scored and {0 if split.validation is None else len(split.validation)} "
+                    f"validation ones; the text leaves {have} "
+                    "(use a longer text, fewer windows, or calibration: search)"
+                )
         self.quantizer = Quantizer(lm, calibrate=self._calibrate, cache_bytes=settings.weight_cache_mib * 2**20)
         self._references: dict[str, _Reference] = {}
         self._model_hash: str | None = None
@@ -178,6 +198,7 @@ class Evaluator:
             (settings.search_windows, settings.eval_windows),
             settings.seed,
             settings.validation_windows,
+            settings.calib_windows if settings.calibration == "apart" else 0,
         )
         return cls(lm, split, settings, progress)
 
@@ -319,11 +340,18 @@ class Evaluator:
                     logits = torch.tanh(logits / softcap) * softcap
                 yield chunk, torch.log_softmax(logits, dim=-1)
 
+    @property
+    def calibration_windows(self) -> torch.Tensor:
+        """The windows calibration statistics come from: [n, seq_len] token ids."""
+        if self.settings.calibration == "apart":
+            return self.split.calibration[: self.settings.calib_windows]
+        return self.split.search[: self.settings.calib_windows]
+
     def _calibrate(self, hessians: bool) -> ActivationStats:
         """Statistics of the calibration windows: read from the disk cache, else collected
         (with the model unquantized, Hessians streamed to the cache in groups of layers
         that fit `calib_memory_mib`) and stored there."""
-        windows = self.split.search[: self.settings.calib_windows]
+        windows = self.calibration_windows
         collect = functools.partial(
             collect_activation_stats,
             self.lm,

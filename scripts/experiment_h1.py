@@ -55,6 +55,7 @@ from qopt.evaluate import Evaluator
 from qopt.model import load_model
 from qopt.strategy import LayerConfig
 from qopt.study.allocation import COSTS_ATTR_PREFIX
+from qopt.study.objective import EVAL_ATTR_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (2.5, 3.0, 3.25, 4.25)
@@ -151,20 +152,24 @@ def run_seeded(
     budgets: tuple[float, ...],
     with_seeds: bool = False,
     costs_from: str | None = None,
+    launch: bool = True,
 ) -> list[Point]:
     """The shipped study config at one seed; per budget, the point `qopt study best` returns.
-    With `with_seeds`, also its seed trials (human schemes and allocator) as baseline points."""
-    seconds = fresh_launch(config, name, url, trials, costs_from)
-    print(f"  {name}: {trials} trials in {seconds:.0f} s")
+    With `with_seeds`, also its seed trials (human schemes and allocator) as baseline points.
+    With `launch=False` the study already holds its trials: only the points are read (held-out
+    metrics the run stored are reused, so a rebuilt report matches the run's)."""
+    if launch:
+        seconds = fresh_launch(config, name, url, trials, costs_from)
+        print(f"  {name}: {trials} trials in {seconds:.0f} s")
     study, _ = qstudy.load(name, url)
-    run = qstudy.SearchRun(config)
+    measured = _HeldOut(config, study)
     points = []
     if with_seeds:
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             label = trial.user_attrs.get("baseline")
             if label is None:
                 continue
-            h = run.measure_held_out(study, trial)
+            h = measured(trial)
             source = "allocator" if label.startswith("Allocator") else "baseline"
             points.append(
                 Point(source, label, None, trial.user_attrs["bpw"], trial.values[0], h["kl"], h["ppl"], h["top1"])
@@ -174,12 +179,29 @@ def run_seeded(
             trial, _ = qstudy.best(name, budget, url, candidates=5)
         except Exception:  # noqa: BLE001 - nothing under this budget
             continue
-        h = run.measure_held_out(study, trial)
+        h = measured(trial)
         label = f"trial {trial.number} (≤ {budget})"
         points.append(
             Point("seeded", label, config.seed, trial.user_attrs["bpw"], trial.values[0], h["kl"], h["ppl"], h["top1"])
         )
     return points
+
+
+class _HeldOut:
+    """A trial's held-out metrics: those stored in the study, else measured (the model loaded
+    once, on first need) and stored."""
+
+    def __init__(self, config: qstudy.StudyConfig, study: optuna.Study) -> None:
+        self.config, self.study, self.run = config, study, None
+        self.stored = study.user_attrs
+
+    def __call__(self, trial: optuna.trial.FrozenTrial) -> dict[str, float]:
+        stored = self.stored.get(f"{EVAL_ATTR_PREFIX}{trial.number}")
+        if stored is not None:
+            return stored
+        if self.run is None:
+            self.run = qstudy.SearchRun(self.config)
+        return self.run.measure_held_out(self.study, trial)
 
 
 def best_under(points: list[Point], budget: float) -> Point | None:
@@ -193,12 +215,18 @@ def _spread(values: list[float]) -> str:
     return f"{mean:.4g} ± {(max(values) - min(values)) / 2:.2g}" if len(values) > 1 else f"{mean:.4g}"
 
 
+def _took(minutes: float | None) -> str:
+    if minutes is None:
+        return "this report rebuilt from the run's stored studies (`--report-only`)"
+    return f"{minutes:.0f} min on {torch.get_num_threads()} CPU threads"
+
+
 def report(
     model: str,
     points: list[Point],
     seeds: list[int],
     trials: int | None,
-    minutes: float,
+    minutes: float | None,
     command: str,
     genes: dict,
     config: str,
@@ -226,7 +254,7 @@ def report(
     lines = [
         f"# H1 on {model}: searched strategies vs human-designed schemes",
         "",
-        f"`{command}` — {minutes:.0f} min on {torch.get_num_threads()} CPU threads. {setup} All metrics below "
+        f"`{command}` — {_took(minutes)}. {setup} All metrics below "
         "are on the evaluation part, which no search, no allocator and no calibration saw.",
         "",
     ]
@@ -234,7 +262,8 @@ def report(
         lines += [
             f"## ≤ {budget} bpw",
             "",
-            "| strategy | bpw | eval KL (nats/token) | eval perplexity | eval top-1 | eval KL (search KL), each seed |",
+            "| strategy | bpw | eval KL (nats/token) | eval perplexity | eval top-1 "
+            "| eval KL / perplexity (search KL), each seed |",
             "|---|---:|---:|---:|---:|---|",
         ]
         base = best_under([p for p in points if p.source == "baseline"], budget)
@@ -242,12 +271,15 @@ def report(
             b = base
             lines.append(
                 f"| best baseline: {b.label} | {b.bpw:.3f} | {b.kl:.4f} | {b.ppl:.3f} | {b.top1:.1%} "
-                f"| ({b.search_kl:.4f}) |"
+                f"| {b.kl:.4f} / {b.ppl:.2f} ({b.search_kl:.4f}) |"
             )
         name = f"Allocator {budget:g} bpw"
         a = next((p for p in points if p.source == "allocator" and p.label == name), None)
         if a is not None:
-            lines.append(f"| allocator | {a.bpw:.3f} | {a.kl:.4f} | {a.ppl:.3f} | {a.top1:.1%} | ({a.search_kl:.4f}) |")
+            lines.append(
+                f"| allocator | {a.bpw:.3f} | {a.kl:.4f} | {a.ppl:.3f} | {a.top1:.1%} "
+                f"| {a.kl:.4f} / {a.ppl:.2f} ({a.search_kl:.4f}) |"
+            )
         for source, title in SEARCHES:
             if trials is None and source != "seeded":
                 continue
@@ -269,7 +301,7 @@ def report(
                 f"| {title} ({len(found)} of {len(seeds)} seeds) | {_spread([p.bpw for p in found])} | "
                 f"{_spread([p.kl for p in found])} | {_spread([p.ppl for p in found])} | "
                 f"{_spread([100 * p.top1 for p in found])}% | "
-                f"{', '.join(f'{p.kl:.4f} ({p.search_kl:.4f})' for p in found)} |"
+                f"{', '.join(f'{p.kl:.4f} / {p.ppl:.2f} ({p.search_kl:.4f})' for p in found)} |"
             )
         lines.append("")
     lines += ["## All baselines", "", "| scheme | bpw | search KL | eval KL | eval ppl | eval top-1 |"]
@@ -348,6 +380,11 @@ def main() -> None:
         action="store_true",
         help="only the shipped config's studies; baselines and allocator are their seed trials",
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="with --shipped-only: rebuild the report from the studies a finished run left in runs/h1/",
+    )
     parser.add_argument("--seeds", default=None, help="comma-separated sampler seeds (default 0,1,2; quick 0,1)")
     parser.add_argument(
         "--base",
@@ -355,6 +392,8 @@ def main() -> None:
         help='JSON genes over the default base (4-bit GPTQ g64 asym), e.g. \'{"granularity": "channel"}\'',
     )
     args = parser.parse_args()
+    if args.report_only and not args.shipped_only:
+        parser.error("--report-only rebuilds --shipped-only runs only")
     genes = {**BASE, **json.loads(args.base)}
     if genes.get("granularity") != "group":
         genes.pop("group_size", None)
@@ -386,19 +425,21 @@ def main() -> None:
         config = dataclasses.replace(base, seed=seed)
         with_seeds = args.shipped_only and i == 0  # seed trials are the same strategies in every seed's study
         costs_from = f"h1-seeded-{seeds[0]}" if i else None
-        points += run_seeded(config, f"h1-seeded-{seed}", url, shipped, budgets, with_seeds, costs_from)
+        points += run_seeded(
+            config, f"h1-seeded-{seed}", url, shipped, budgets, with_seeds, costs_from, launch=not args.report_only
+        )
 
     out = ROOT / "docs" / "results"
     out.mkdir(parents=True, exist_ok=True)
     name = f"{args.name}-quick" if args.quick else args.name
-    minutes = (time.perf_counter() - started) / 60
-    command = " ".join(["python scripts/experiment_h1.py", *sys.argv[1:]])
+    minutes = None if args.report_only else (time.perf_counter() - started) / 60
+    command = " ".join(["python scripts/experiment_h1.py", *(a for a in sys.argv[1:] if a != "--report-only")])
     model = base.model.rstrip("/").split("/")[-2]
     searched = None if args.shipped_only else trials
     text = report(model, points, seeds, searched, minutes, command, genes, args.config, budgets, shipped)
     (out / f"{name}.md").write_text(text)
     figure(name, points, budgets).write_html(out / f"{name}-fronts.html", include_plotlyjs="cdn")
-    print(f"wrote {out / f'{name}.md'} and {out / f'{name}-fronts.html'} ({minutes:.1f} min)")
+    print(f"wrote {out / f'{name}.md'} and {out / f'{name}-fronts.html'} ({_took(minutes)})")
 
 
 if __name__ == "__main__":

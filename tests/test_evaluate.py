@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from qopt.data import load_text, split_windows
+from qopt.data import TokenSplit, load_text, split_windows
 from qopt.errors import QoptError
 from qopt.evaluate import EvalSettings, Evaluator
 from qopt.strategy import Strategy, uniform
@@ -80,6 +80,43 @@ def test_text_sources(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(QoptError, match="empty"):
         load_text(str(tmp_path / "empty.txt"))
+
+
+def test_calibration_windows_apart_are_neither_searched_nor_validating():
+    ids = torch.arange(40 * 16)
+    split = split_windows(ids, 16, 0.5, (8, 8), seed=1, validation_windows=5, calibration_windows=4)
+    before = split_windows(ids, 16, 0.5, (8, 8), seed=1, validation_windows=5)
+    assert torch.equal(split.search, before.search) and torch.equal(split.validation, before.validation)
+    assert split.calibration.shape == (4, 16)
+    taken = {tuple(w.tolist()) for w in (*split.search, *split.validation)}
+    for window in split.calibration:
+        assert max(window.tolist()) < 20 * 16 and tuple(window.tolist()) not in taken
+    short = split_windows(ids, 16, 0.5, (8, 8), seed=1, validation_windows=5, calibration_windows=50)
+    assert len(short.calibration) == 20 - 8 - 5  # as many as the search half has left
+
+
+@pytest.mark.parametrize("source", ["search", "apart"])
+def test_calibration_statistics_come_from_the_configured_windows(source):
+    from qopt.calibration import collect_activation_stats
+
+    lm = tiny_model("llama")
+    split = random_split(n_search=6)
+    split = TokenSplit(search=split.search[:3], eval=split.eval, calibration=split.search[3:])
+    settings = EvalSettings(batch_size=2, calib_windows=2, calibration=source, calibration_cache=False)
+    evaluator = Evaluator(lm, split, settings)
+    expected = split.search[:2] if source == "search" else split.calibration[:2]
+    assert torch.equal(evaluator.calibration_windows, expected)
+    got = evaluator.quantizer.activation_stats(hessians=True)
+    direct = collect_activation_stats(lm, expected, batch_size=2, hessians=True)
+    name = next(iter(direct.hessian))
+    assert torch.allclose(got.hessian[name], direct.hessian[name])
+
+
+def test_calibration_apart_without_spare_windows_is_refused():
+    with pytest.raises(QoptError, match="apart needs 8 search-half windows"):
+        Evaluator(tiny_model("llama"), random_split(), EvalSettings(calibration="apart"))
+    with pytest.raises(QoptError, match="eval.calibration"):
+        EvalSettings(calibration="eval")
 
 
 def test_validation_windows_come_from_the_search_half_and_are_never_searched():
