@@ -48,6 +48,10 @@ from qopt.strategy import EDGE_ROLES, FP16, LayerConfig, Strategy
 #: Bit-widths the allocator chooses among (16 = leave the layer unquantized).
 ALLOCATOR_BITS = (2, 3, 4, 5, 6, 8)
 ALLOCATOR_ROUNDINGS = ("nearest", "gptq")
+#: Scale rules and outlier policies (a Hadamard rotation or none) the allocator chooses among:
+#: the refinements human schemes apply (`qopt.baselines`), so it is the strongest of them.
+ALLOCATOR_SCALES = ("absmax", "mse")
+ALLOCATOR_OUTLIERS = ("none", "rotate")
 #: Quality proxies `measure_costs` knows (see the module docstring).
 PROXIES = ("kl", "hessian")
 
@@ -56,15 +60,26 @@ _Menu = Sequence[LayerConfig]
 
 
 def menu(
-    group_size: int | None, bits: Sequence[int] = ALLOCATOR_BITS, roundings: Sequence[str] = ALLOCATOR_ROUNDINGS
+    group_size: int | None,
+    bits: Sequence[int] = ALLOCATOR_BITS,
+    roundings: Sequence[str] = ALLOCATOR_ROUNDINGS,
+    scales: Sequence[str] = ALLOCATOR_SCALES,
+    outliers: Sequence[str] = ALLOCATOR_OUTLIERS,
 ) -> list[LayerConfig]:
     """Candidate configs: each bit-width with per-channel symmetric scales and (given a
-    `group_size`) asymmetric groups, with each rounding method; plus 16-bit."""
+    `group_size`) asymmetric groups, with each rounding method, scale rule and outlier
+    policy; plus 16-bit. The default menu has 6 x 2 x 2 x 2 x 2 + 1 = 97 configs."""
     scalings = [dict(granularity="channel", group_size=None, symmetric=True)]
     if group_size is not None:
         scalings.append(dict(granularity="group", group_size=group_size, symmetric=False))
     configs = [
-        FP16.evolve(bits=b, rounding=r, **scaling) for b in bits for scaling in scalings for r in roundings if b < 16
+        FP16.evolve(bits=b, rounding=r, scale=rule, outliers=policy, **scaling)
+        for b in bits
+        if b < 16
+        for scaling in scalings
+        for r in roundings
+        for rule in scales
+        for policy in outliers
     ]
     return [*configs, FP16]
 
@@ -155,9 +170,9 @@ def measure_costs(
 
 
 def anchor(configs: Sequence[LayerConfig]) -> int:
-    """The menu index whose single-layer KL calibrates the "hessian" proxy: a
-    round-to-nearest config nearest 3 bits (finer scales first), where a layer's
-    error is large enough to measure and small enough to stay in KL's quadratic range."""
+    """The menu index whose single-layer KL calibrates the "hessian" proxy: a plain
+    (round-to-nearest, abs-max, unrotated) config nearest 3 bits (finer scales first), where
+    a layer's error is large enough to measure and small enough to stay in KL's quadratic range."""
     quantized = [j for j, c in enumerate(configs) if c.quantizes_weights]
     if not quantized:
         raise QoptError("the allocator's menu has no config that quantizes weights")
@@ -165,6 +180,7 @@ def anchor(configs: Sequence[LayerConfig]) -> int:
         quantized,
         key=lambda j: (
             configs[j].rounding != "nearest",
+            configs[j].scale != "absmax" or configs[j].outliers != "none",
             abs(configs[j].bits - 3),
             configs[j].granularity != "group",
         ),

@@ -14,9 +14,17 @@ split, in the same true bits, and can seed a search:
 - `quarot`: QuaRot-style W·A4 (Ashkboos et al. 2024): a Hadamard rotation of
   each layer's input, GPTQ on per-channel symmetric weights, INT4 activations.
 
+Two refinements apply to the weight-only methods (RTN, GPTQ, AWQ, HQQ), as the
+tools people use apply them:
+- `scale="mse"`: each block's scale is searched (clipped) to minimise the
+  weight's squared error instead of set by the largest magnitude, as GPTQ's
+  reference quantizer (`mse=True`) and llama.cpp's k-quants do;
+- `rotate=True`: a Hadamard rotation of each layer's input before quantizing,
+  spreading outliers over all channels (weight-only QuaRot / QuIP#).
+
 `group_size=None` means per-channel scales. SmoothQuant and QuaRot are
-per-channel symmetric by definition and ignore `group_size` and `symmetric`;
-HQQ is asymmetric by definition and ignores `symmetric`.
+per-channel symmetric by definition and ignore `group_size`, `symmetric`,
+`scale` and `rotate`; HQQ is asymmetric by definition and ignores `symmetric`.
 """
 
 from __future__ import annotations
@@ -31,6 +39,9 @@ from qopt.model import QuantUnit
 from qopt.strategy import BITS, LayerConfig, Strategy, uniform
 
 METHODS = ("rtn", "gptq", "awq", "hqq", "smoothquant", "quarot")
+#: How a weight-only scheme sets each block's scale (see the module docstring).
+SCHEME_SCALES = ("absmax", "mse")
+_FIXED = ("smoothquant", "quarot")  # methods that fix their own grid, scale rule and rotation
 _ROUNDING = {"rtn": "nearest", "gptq": "gptq", "awq": "awq", "hqq": "hqq"}
 
 
@@ -48,16 +59,20 @@ class Scheme:
     bits: int
     group_size: int | None = 128  # None: one scale per output channel
     symmetric: bool = False
+    scale: str = "absmax"  # or "mse": a clip search per block
+    rotate: bool = False  # a Hadamard rotation of each layer's input first
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise QoptError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.scale not in SCHEME_SCALES:
+            raise QoptError(f"scale {self.scale!r} is not one of {', '.join(SCHEME_SCALES)}")
         if self.bits not in BITS or self.bits == 16:
             raise QoptError(f"bits {self.bits} is not one of {', '.join(map(str, BITS[:-1]))}")
 
     @property
     def granularity_label(self) -> str:
-        if self.method in ("smoothquant", "quarot") or self.group_size is None:
+        if self.method in _FIXED or self.group_size is None:
             return "chan"
         return f"g{self.group_size}"
 
@@ -77,7 +92,9 @@ class Scheme:
                 else dict(granularity="group", group_size=self.group_size)
             )
             symmetric = self.symmetric and self.method != "hqq"  # HQQ optimises zero points
-            genes = dict(scaling, symmetric=symmetric, rounding=_ROUNDING[self.method])
+            genes = dict(scaling, symmetric=symmetric, rounding=_ROUNDING[self.method], scale=self.scale)
+            if self.rotate:
+                genes["outliers"] = "rotate"
             name = ""
         strategy = uniform(self.bits, **genes)
         return Strategy(default=strategy.default, name=name or label(strategy.default))
@@ -91,6 +108,8 @@ class Allocation:
     budget_bpw: float
     allocated: Strategy
     method: str = "allocate"
+    scale = "mixed"  # not fields: the allocator chooses scale rules and rotations per layer
+    rotate = None
 
     @property
     def bits(self) -> float:
@@ -114,10 +133,20 @@ def fitting_group_size(units: Sequence[QuantUnit], candidates: Sequence[int] = (
 
 
 def schemes(
-    methods: Iterable[str], bits: Iterable[int], group_size: int | None = 128, symmetric: bool = False
+    methods: Iterable[str],
+    bits: Iterable[int],
+    group_size: int | None = 128,
+    symmetric: bool = False,
+    scales: Sequence[str] = ("absmax",),
+    rotations: Sequence[bool] = (False,),
 ) -> list[Scheme]:
-    """Every (method, bits) pair, in the order given."""
-    return [Scheme(m, b, group_size, symmetric) for m in methods for b in bits]
+    """Every (method, bits, scale rule, rotation) combination, in the order given;
+    SmoothQuant and QuaRot, which fix their own scale and rotation, once per bit-width."""
+    chosen = []
+    for method in methods:
+        variants = [("absmax", False)] if method in _FIXED else [(s, r) for s in scales for r in rotations]
+        chosen += [Scheme(method, b, group_size, symmetric, s, r) for b in bits for s, r in variants]
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -136,6 +165,8 @@ class BaselineResult:
             "method": self.scheme.method,
             "bits": self.scheme.bits,
             "group": self.scheme.granularity_label,
+            "scale": self.scheme.scale,
+            "rotate": self.scheme.rotate,
             "name": self.strategy.name,
             "bpw": self.held_out.bpw,
             "search_kl": self.search.kl,

@@ -328,6 +328,9 @@ def export_command(
     )
 
 
+_ROT = {True: "yes", False: "no", None: "-"}  # the baseline table's rotation column
+
+
 @baseline_app.command("run")
 def baseline_run(
     model: Annotated[
@@ -365,6 +368,22 @@ def baseline_run(
         ),
     ] = "auto",
     sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric INT grids (no zero points).")] = False,
+    scale: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated scale rules of the weight-only methods and the allocator's menu: absmax (the "
+            "largest magnitude sets each block's scale), mse (a clip search minimising the weight's squared "
+            "error, as GPTQ's reference quantizer and llama.cpp's k-quants do)."
+        ),
+    ] = "absmax",
+    rotate: Annotated[
+        bool,
+        typer.Option(
+            "--rotate/--no-rotate",
+            help="Also measure each weight-only scheme after a Hadamard rotation of its layers' inputs "
+            "(weight-only QuaRot / QuIP#), and give the allocator rotated configs to choose.",
+        ),
+    ] = False,
     windows: Annotated[
         int | None, typer.Option(help="Windows per part (search and held out); default 16 search, 64 held out.")
     ] = None,
@@ -395,6 +414,9 @@ def baseline_run(
     from qopt import baselines
 
     method_list, bit_list = _csv(methods, "--methods", str), _csv(bits, "--bits", int)
+    variants = {"scales": _csv(scale, "--scale", str), "rotations": (False, True) if rotate else (False,)}
+    if unknown := set(variants["scales"]) - set(baselines.SCHEME_SCALES):
+        raise QoptError(f"--scale {sorted(unknown)[0]!r}: choose among {', '.join(baselines.SCHEME_SCALES)}")
     budgets = _csv(budget, "--budget", float) if budget is not None else []
     allocating = "allocate" in method_list
     method_list = [m for m in method_list if m != "allocate"]
@@ -404,7 +426,7 @@ def baseline_run(
 
     if proxy not in PROXIES:
         raise QoptError(f"--proxy {proxy!r}: choose one of {', '.join(PROXIES)}")
-    baselines.schemes(method_list, bit_list, group_size=None)  # a bad method or bit-width fails before loading
+    baselines.schemes(method_list, bit_list, group_size=None, **variants)  # bad input fails before loading
     groups = None if group == "auto" else [g or None for g in _csv(group, "--group", int)]
     overrides = {
         "seq_len": seq_len,
@@ -438,11 +460,18 @@ def baseline_run(
         groups = [baselines.fitting_group_size(evaluator.lm.units)]
         if not as_json:
             typer.echo(f"group size {groups[0]} (the largest of 128, 64, 32, 16 that fits every layer)", err=True)
-    chosen: list = [s for g in groups for s in baselines.schemes(method_list, bit_list, group_size=g, symmetric=sym)]
+    chosen: list = [
+        s for g in groups for s in baselines.schemes(method_list, bit_list, group_size=g, symmetric=sym, **variants)
+    ]
     if allocating:
         from qopt.allocate import allocate, measure_costs, menu, proxy_fit
 
-        costs = measure_costs(evaluator, menu(groups[0]), proxy=proxy, progress=not as_json)
+        configs = menu(groups[0], scales=variants["scales"], outliers=("none", "rotate") if rotate else ("none",))
+        if study_name is not None:
+            from qopt.study.allocation import space_menu
+
+            configs = space_menu(run.space, configs)  # what the study's trials can hold
+        costs = measure_costs(evaluator, configs, proxy=proxy, progress=not as_json)
         rho, pairs = proxy_fit(evaluator, costs, progress=not as_json)
         if not as_json:
             typer.echo(
@@ -460,8 +489,8 @@ def baseline_run(
             err=True,
         )
     header = (
-        f"{'method':<12}{'bits':>5} {'group':>6} {'bpw':>7} {'search KL':>10} {'eval KL':>9} {'eval ppl':>9} "
-        f"{'quant s':>8} {'s':>6}"
+        f"{'method':<12}{'bits':>5} {'group':>6} {'scale':>6} {'rot':>4} {'bpw':>7} {'search KL':>10} "
+        f"{'eval KL':>9} {'eval ppl':>9} {'quant s':>8} {'s':>6}"
     )
     if not as_json:
         typer.echo(header)
@@ -471,8 +500,9 @@ def baseline_run(
         if not as_json:
             r = result.row()
             typer.echo(
-                f"{r['method']:<12}{r['bits']:>5} {r['group']:>6} {r['bpw']:>7.3f} {r['search_kl']:>10.4f} "
-                f"{r['eval_kl']:>9.4f} {r['eval_ppl']:>9.3f} {r['quantize_seconds']:>8.2f} {r['seconds']:>6.2f}"
+                f"{r['method']:<12}{r['bits']:>5} {r['group']:>6} {r['scale']:>6} {_ROT[r['rotate']]:>4} "
+                f"{r['bpw']:>7.3f} {r['search_kl']:>10.4f} {r['eval_kl']:>9.4f} {r['eval_ppl']:>9.3f} "
+                f"{r['quantize_seconds']:>8.2f} {r['seconds']:>6.2f}"
             )
     rows = [r.row() for r in results]
     if study_name is not None:

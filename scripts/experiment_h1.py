@@ -3,7 +3,8 @@ true bits per weight?
 
 On one model and one text (default: the demo study's, stories260K on TinyStories):
 1. every baseline — RTN, GPTQ, AWQ, HQQ; symmetric and asymmetric; per-channel and
-   the group sizes the model allows — at 2, 3, 4 and 8 bits;
+   the group sizes the model allows; abs-max and MSE-searched scales; with and
+   without a Hadamard rotation — at 2, 3, 4 and 8 bits;
 2. the sensitivity-based allocator (`qopt.allocate`, per-layer KL on all search
    windows) at each budget: the strongest non-search competitor;
 3. qopt's search with the full genome, and as an ablation the bits-only genome
@@ -90,11 +91,13 @@ def measure_baselines(config: qstudy.StudyConfig, quick: bool, budgets: tuple[fl
     groups = [g for g in (32, 64, 128) if g <= narrowest] + [None]  # None: per output channel
     methods, bits = (("rtn", "gptq"), (3, 4)) if quick else (("rtn", "gptq", "awq", "hqq"), (2, 3, 4, 8))
     chosen = [
-        qbaselines.Scheme(method, b, group, symmetric)
+        qbaselines.Scheme(method, b, group, symmetric, scale, rotate)
         for method in methods
         for b in bits
         for group in groups
         for symmetric in ((False,) if method == "hqq" else (False, True))
+        for scale in qbaselines.SCHEME_SCALES
+        for rotate in (False, True)
     ]
     costs = measure_costs(evaluator, menu(qbaselines.fitting_group_size(lm.units)))
     chosen += [qbaselines.Allocation(b, allocate(costs, b)) for b in budgets]

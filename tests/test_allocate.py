@@ -15,6 +15,10 @@ from qopt.evaluate import EvalSettings, Evaluator
 from tests.conftest import random_split, tiny_model
 from tests.test_cli import run
 
+#: A small menu of every kind the default one has: RTN and GPTQ, abs-max and MSE scales,
+#: unrotated and rotated, per channel and in groups of 32, at 2, 3 and 8 bits (+ 16-bit).
+MENU = menu(32, bits=(2, 3, 8))
+
 
 def _brute_force(bits: np.ndarray, error: np.ndarray, budget: int) -> float:
     best = np.inf
@@ -55,7 +59,7 @@ def test_solve_refuses_a_budget_nothing_fits():
 @pytest.fixture(scope="module")
 def costs_and_evaluator():
     evaluator = Evaluator(tiny_model("llama"), random_split(n_search=4, seq_len=32), EvalSettings(batch_size=4))
-    return measure_costs(evaluator, menu(32), progress=False), evaluator
+    return measure_costs(evaluator, MENU, progress=False), evaluator
 
 
 def test_measured_costs_and_allocations(costs_and_evaluator):
@@ -91,15 +95,20 @@ def test_the_hessian_proxy_is_anchored_on_the_kl_proxy_and_ranks_like_it(costs_a
     """One single-layer KL per layer (the anchor config) scales the output errors into KL:
     the anchor column is the KL proxy's, and the other configs rank as the KL proxy ranks them."""
     kl_costs, evaluator = costs_and_evaluator
-    costs = measure_costs(evaluator, menu(32), proxy="hessian", progress=False)
+    costs = measure_costs(evaluator, MENU, proxy="hessian", progress=False)
     pivot = anchor(costs.menu)
-    assert costs.menu[pivot].bits == 3 and costs.menu[pivot].rounding == "nearest"
+    assert costs.menu[pivot].describe() == "int3 g32 asym"  # round-to-nearest, abs-max, unrotated
     assert costs.error[:, pivot] == pytest.approx(kl_costs.error[:, pivot], rel=1e-9)
     assert (costs.bits == kl_costs.bits).all()
     fp16 = [j for j, c in enumerate(costs.menu) if not c.quantizes_weights]
     assert (costs.error[:, fp16] == 0).all()
+    plain = {"rounding": "nearest", "scale": "absmax", "outliers": "none"}
     for scaling in ("channel", "group"):  # fewer bits, more error, layer by layer
-        columns = [j for j, c in enumerate(costs.menu) if c.granularity == scaling and c.rounding == "nearest"]
+        columns = [
+            j
+            for j, c in enumerate(costs.menu)
+            if c.granularity == scaling and all(getattr(c, gene) == value for gene, value in plain.items())
+        ]
         assert (np.diff(costs.error[:, columns], axis=1) < 0).all()
     quantized = [j for j, c in enumerate(costs.menu) if c.quantizes_weights]
     a, b = costs.error[:, quantized].ravel(), kl_costs.error[:, quantized].ravel()
@@ -110,7 +119,7 @@ def test_the_hessian_proxy_is_anchored_on_the_kl_proxy_and_ranks_like_it(costs_a
 def test_an_unknown_proxy_is_refused(monkeypatch, capsys, costs_and_evaluator):
     _, evaluator = costs_and_evaluator
     with pytest.raises(QoptError, match="unknown allocator proxy"):
-        measure_costs(evaluator, menu(32), proxy="fisher", progress=False)
+        measure_costs(evaluator, MENU, proxy="fisher", progress=False)
     code, _, err = run(
         monkeypatch, capsys, "baseline", "run", "-m", "x", "-d", "y", "--methods", "allocate", "--budget", "3",
         "--proxy", "fisher",
@@ -221,6 +230,31 @@ def test_allocate_entries_seed_a_study_at_launch(tmp_path, tiny_llama_dir, small
     assert len(stored["menu"]) == len(space_menu(space)) == 6 * 2 + 1
     qstudy.launch("s", n_trials=1, url=url, progress=False)  # nothing to measure or enqueue again
     assert sum("baseline" in t.user_attrs for t in optuna.load_study(study_name="s", storage=url).trials) == 3
+
+
+def test_the_menu_offers_what_the_space_can_hold(tiny_llama_dir, small_text):
+    """The default menu refines every bit-width and scaling with MSE scales and rotation;
+    a study's allocator keeps only the configs its search space can express."""
+    from qopt import study as qstudy
+    from qopt.space import SearchConfig
+    from qopt.study.allocation import space_menu
+
+    full = menu(32)
+    assert len(full) == 6 * 2 * 2 * 2 * 2 + 1 and len(set(full)) == len(full)
+    assert {(c.scale, c.outliers) for c in full if c.quantizes_weights} == {
+        ("absmax", "none"), ("absmax", "rotate"), ("mse", "none"), ("mse", "rotate"),
+    }  # fmt: skip
+    for families, kinds, size in (
+        (("bits", "scaling", "outliers", "rounding"), 4, 6 * 2 * 2 * 4),
+        (("bits", "scaling", "rounding"), 2, 6 * 2 * 2 * 2),  # no rotation
+        (("bits", "rounding"), 1, 6 * 2),  # the base's scaling only: int per channel, abs-max
+    ):
+        config = qstudy.StudyConfig(
+            model=str(tiny_llama_dir), data=str(small_text),
+            search=SearchConfig(families=families, group_sizes=(32,), base=menu(32)[0].evolve(bits=4)),
+        )  # fmt: skip
+        quantized = [c for c in space_menu(qstudy.SearchRun(config).space) if c.quantizes_weights]
+        assert len({(c.scale, c.outliers) for c in quantized}) == kinds and len(quantized) == size
 
 
 def test_malformed_allocate_entries_are_refused(tiny_llama_dir, small_text):

@@ -30,10 +30,26 @@ def test_schemes_are_the_published_settings():
     assert Scheme("rtn", 3, None, symmetric=True).strategy().name == "RTN int3 chan sym"
 
 
-@pytest.mark.parametrize("method, bits", [("gptq2", 4), ("rtn", 16), ("rtn", 7)])
-def test_bad_schemes_are_rejected(method, bits):
+def test_scale_search_and_rotation_refine_the_weight_only_schemes():
+    chosen = schemes(["gptq", "quarot"], [3], group_size=64, scales=("absmax", "mse"), rotations=(False, True))
+    assert len(chosen) == 4 + 1  # QuaRot fixes its own scale rule and rotation
+    configs = {s.strategy().name: s.strategy().default for s in chosen}
+    assert list(configs) == [
+        "GPTQ int3 g64 asym",
+        "GPTQ int3 g64 asym rot",
+        "GPTQ int3 g64 asym mse",
+        "GPTQ int3 g64 asym mse rot",
+        "QuaRot W3A4",
+    ]
+    plain, best = configs["GPTQ int3 g64 asym"], configs["GPTQ int3 g64 asym mse rot"]
+    assert best == plain.evolve(scale="mse", outliers="rotate")
+
+
+@pytest.mark.parametrize("method, bits, scale", [("gptq2", 4, "absmax"), ("rtn", 16, "absmax"), ("rtn", 7, "absmax"),
+                                                 ("rtn", 4, "percentile")])  # fmt: skip
+def test_bad_schemes_are_rejected(method, bits, scale):
     with pytest.raises(QoptError):
-        Scheme(method, bits)
+        Scheme(method, bits, scale=scale)
 
 
 def test_baseline_run_on_the_real_model_gptq_beats_rtn(monkeypatch, capsys):
@@ -61,10 +77,19 @@ def test_baseline_run_table_on_a_tiny_model(monkeypatch, capsys, tiny_llama_dir,
     )  # fmt: skip
     assert code == 0, err
     lines = out.strip().splitlines()
-    assert lines[0].split()[:4] == ["method", "bits", "group", "bpw"]
+    assert lines[0].split()[:6] == ["method", "bits", "group", "scale", "rot", "bpw"]
     assert len(lines) == 1 + len(METHODS) * 2
     assert [line.split()[0] for line in lines[1::2]] == list(METHODS)
     assert "calibration on" in err
+    code, out, err = run(
+        monkeypatch, capsys, "baseline", "run", "-m", str(tiny_llama_dir), "-d", str(small_text),
+        "--methods", "rtn", "--bits", "3", "--group", "32", "--scale", "absmax,mse", "--rotate", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = {(r["scale"], r["rotate"]): r for r in json.loads(out)}
+    assert set(rows) == {("absmax", False), ("absmax", True), ("mse", False), ("mse", True)}
+    assert rows["mse", True]["name"] == "RTN int3 g32 asym mse rot"
+    assert len({r["search_kl"] for r in rows.values()}) == 4  # four different quantizations
 
 
 def _study(monkeypatch, capsys, tmp_path, tiny_llama_dir, small_text, families: str) -> str:
@@ -114,6 +139,7 @@ def test_baselines_are_written_into_a_study_as_seeds(monkeypatch, capsys, tmp_pa
         (["--bits", "3"], "give --model and --data, or --study NAME"),
         (["-m", "x", "-d", "y", "--bits", "three"], "--bits: 'three' is not a comma-separated list of ints"),
         (["-m", "x", "-d", "y", "--methods", "rtn,awk"], "method 'awk' is not one of"),
+        (["-m", "x", "-d", "y", "--scale", "absmax,clip"], "--scale 'clip': choose among absmax, mse"),
         (["--study", "s", "-m", "x"], "--study measures on the study's own model and data"),
     ],
 )

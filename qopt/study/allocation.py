@@ -16,6 +16,7 @@ other workers and other machines read them instead of measuring again.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import optuna
 
@@ -28,22 +29,25 @@ from qopt.study.config import AllocatorSeed, StudyConfig, allocator_seeds
 COSTS_ATTR_PREFIX = "qopt:allocator-costs:"
 
 
-def space_menu(space: SearchSpace) -> list[LayerConfig]:
-    """The allocator's menu (`qopt.allocate.menu`) as this space expresses it.
+def space_menu(space: SearchSpace, candidates: Sequence[LayerConfig] | None = None) -> list[LayerConfig]:
+    """The allocator's menu (`qopt.allocate.menu`, or `candidates`) as this space expresses it.
 
-    Bit-widths are those the space searches; the group size is the base's (or
-    the largest every gene group allows). Each candidate is replaced by what the
-    space would store for it (genes of families it does not search come from
-    its base), kept only if every group stores the same config, and listed once.
+    By default bit-widths are those the space searches; the group size is the
+    base's (or the largest every gene group allows). Each candidate is replaced
+    by what the space would store for it (genes of families it does not search
+    come from its base), kept only if every group stores the same config, and
+    listed once: a space without the outliers family has no rotated configs.
     """
-    base = space.config.base
-    allowed = set.intersection(*(set(g.group_sizes) for g in space.groups))
-    group_size = base.group_size if base.granularity == "group" and base.group_size in allowed else None
-    if group_size is None and allowed:
-        group_size = max(allowed)
-    bits = [b for b in ALLOCATOR_BITS if b in space.config.bits] or [space.config.base.bits]
+    if candidates is None:
+        base = space.config.base
+        allowed = set.intersection(*(set(g.group_sizes) for g in space.groups))
+        group_size = base.group_size if base.granularity == "group" and base.group_size in allowed else None
+        if group_size is None and allowed:
+            group_size = max(allowed)
+        bits = [b for b in ALLOCATOR_BITS if b in space.config.bits] or [space.config.base.bits]
+        candidates = menu(group_size, bits=bits)
     configs: list[LayerConfig] = []
-    for candidate in menu(group_size, bits=bits):
+    for candidate in candidates:
         stored = _stored(space, candidate, space.groups[0].name)
         if stored not in configs and all(_stored(space, stored, g.name) == stored for g in space.groups):
             configs.append(stored)
