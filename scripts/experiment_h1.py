@@ -56,7 +56,6 @@ from qopt.evaluate import Evaluator
 from qopt.model import load_model
 from qopt.strategy import LayerConfig
 from qopt.study.allocation import COSTS_ATTR_PREFIX
-from qopt.study.objective import EVAL_ATTR_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (2.5, 3.0, 3.25, 4.25)
@@ -165,7 +164,7 @@ def run_seeded(
         seconds = fresh_launch(config, name, url, trials, costs_from)
         print(f"  {name}: {trials} trials in {seconds:.0f} s")
     study, _ = qstudy.load(name, url)
-    measured = _HeldOut(config, study)
+    measured = qstudy.PartMetrics(study, config, "eval")
     points = []
     if with_seeds:
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
@@ -188,23 +187,6 @@ def run_seeded(
             Point("seeded", label, config.seed, trial.user_attrs["bpw"], trial.values[0], h["kl"], h["ppl"], h["top1"])
         )
     return points
-
-
-class _HeldOut:
-    """A trial's held-out metrics: those stored in the study, else measured (the model loaded
-    once, on first need) and stored."""
-
-    def __init__(self, config: qstudy.StudyConfig, study: optuna.Study) -> None:
-        self.config, self.study, self.run = config, study, None
-        self.stored = study.user_attrs
-
-    def __call__(self, trial: optuna.trial.FrozenTrial) -> dict[str, float]:
-        stored = self.stored.get(f"{EVAL_ATTR_PREFIX}{trial.number}")
-        if stored is not None:
-            return stored
-        if self.run is None:
-            self.run = qstudy.SearchRun(self.config)
-        return self.run.measure_held_out(self.study, trial)
 
 
 def best_under(points: list[Point], budget: float) -> Point | None:

@@ -253,3 +253,19 @@ def test_best_reranks_its_candidates_on_validation_text(config, url):
     study, _ = qstudy.load("v", url)
     assert all(f"{VALIDATION_ATTR_PREFIX}{c.trial}" in study.user_attrs for c in shortlist)  # measured once
     assert qstudy.best("v", BUDGET, url, candidates=1)[0].values[0] == shortlist[0].search
+
+
+def test_part_metrics_are_measured_once_and_a_missing_part_is_none(config, url):
+    config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, validation_windows=0))
+    qstudy.create("p", config, url)
+    qstudy.launch("p", n_trials=4, url=url, progress=False)
+    study, _ = qstudy.load("p", url)
+    trial = qstudy.completed(study)[0]
+    held_out = qstudy.PartMetrics(study, config, "eval")
+    first = held_out(trial)
+    assert first is not None and first["kl"] >= 0 and held_out.run is not None  # measured: the model loaded
+    again = qstudy.PartMetrics(qstudy.load("p", url)[0], config, "eval")
+    assert again(trial) == first and again.run is None  # read back from the study, nothing loaded
+    assert qstudy.PartMetrics(study, config, "validation", run=held_out.run)(trial) is None
+    with pytest.raises(ValueError, match="'eval' or 'validation'"):
+        qstudy.PartMetrics(study, config, "search")

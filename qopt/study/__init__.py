@@ -5,7 +5,8 @@
     objective.py  SearchRun: one worker's model, evaluator and space; the per-trial objective
     workers.py    launch: worker processes, heartbeats, signals, database retries
     allocation.py the allocator's strategies (`{allocate: B}` baselines) enqueued as seeds
-    queries.py    front (held-out metrics), best under a bpw (validation re-ranking), status, structure
+    queries.py    PartMetrics (held-out/validation metrics, measured once), front, best under a bpw
+                  (validation re-ranking), status, structure
 
 `create` once, then `launch` any number of times on any number of machines
 sharing the storage (SQLite by default, PostgreSQL for several machines).
@@ -17,6 +18,7 @@ from qopt.study.objective import SCREENED, SearchRun
 from qopt.study.queries import (
     Candidate,
     FrontMember,
+    PartMetrics,
     best,
     front,
     non_dominated,
@@ -32,6 +34,7 @@ __all__ = [
     "Candidate",
     "FrontMember",
     "LaunchCounts",
+    "PartMetrics",
     "SearchRun",
     "StudyConfig",
     "add_baselines",

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from qopt.errors import QoptError
 from qopt.space import SearchSpace
-from qopt.storage import load_trial, trial_summaries
+from qopt.storage import TrialSummary, load_trial, trial_summaries
 from qopt.strategy import Strategy
 from qopt.study.config import StudyConfig
 from qopt.study.create import completed, load
@@ -37,6 +38,41 @@ class FrontMember:
     baseline: str | None
 
 
+class PartMetrics:
+    """Trials' metrics on one part of the text no trial was scored on: "eval" (held out) or
+    "validation" (spare search-half windows); each a dict of kl, ppl, top1, fp_ppl.
+
+    A trial measured before is read from the study's user attributes; one that was
+    not is measured once (the model loaded on first need, by a `SearchRun`) and
+    stored at once, so an interrupted query keeps what it measured.
+    """
+
+    def __init__(self, study: optuna.Study, config: StudyConfig, part: str, run: SearchRun | None = None) -> None:
+        if part not in ("eval", "validation"):
+            raise ValueError(f"part must be 'eval' or 'validation', got {part!r}")
+        self.study, self.config, self.part, self.run = study, config, part, run
+        self._prefix = EVAL_ATTR_PREFIX if part == "eval" else VALIDATION_ATTR_PREFIX
+        self._stored = study.user_attrs
+
+    def stored(self, number: int) -> dict[str, float] | None:
+        """Trial `number`'s metrics if the study holds them (no model loaded)."""
+        return self._stored.get(f"{self._prefix}{number}")
+
+    def __call__(self, trial: FrozenTrial | TrialSummary) -> dict[str, float] | None:
+        """`trial`'s metrics (measured and stored if missing); None when the study's text
+        has no such part (a study without validation windows)."""
+        held = self.stored(trial.number)
+        if held is not None:
+            return held
+        self.run = self.run or SearchRun(self.config)
+        windows = getattr(self.run.evaluator.split, self.part)
+        if windows is None or not len(windows):
+            return None
+        if isinstance(trial, TrialSummary):
+            trial = load_trial(self.study, trial.trial_id)
+        return self.run.measure_part(self.study, trial, self.part)
+
+
 def front(name: str, url: str | None = None, with_baselines: bool = True, progress: bool = False) -> list[FrontMember]:
     """The feasible Pareto front (by search-part objectives), evaluated on the eval part.
 
@@ -51,30 +87,28 @@ def front(name: str, url: str | None = None, with_baselines: bool = True, progre
         trials += [t for t in completed(study) if "baseline" in t.user_attrs and t.number not in chosen]
     if not trials:
         return []
-    run: SearchRun | None = None  # loaded only if some member's held-out metrics are missing
-    stored = study.user_attrs
-    missing = sum(f"{EVAL_ATTR_PREFIX}{t.number}" not in stored for t in trials)
-    bar = tqdm(total=missing, desc="measuring on held-out text", disable=not progress or not missing)
+    held_out = PartMetrics(study, config, "eval")
+    missing = sum(held_out.stored(t.number) is None for t in trials)
     members = []
-    for trial in trials:
-        held_out = stored.get(f"{EVAL_ATTR_PREFIX}{trial.number}")  # measured once, then stored
-        if held_out is None:
-            run = run or SearchRun(config)
-            held_out = run.measure_held_out(study, trial)
-            bar.update(1)
-        members.append(
-            FrontMember(
-                trial=trial.number,
-                bpw=trial.user_attrs["bpw"],
-                search_kl=trial.values[0] if config.objectives[0] == "kl" else float("nan"),
-                search_ppl=trial.user_attrs.get("ppl", float("nan")),
-                eval_kl=held_out["kl"],
-                eval_ppl=held_out["ppl"],
-                eval_top1=held_out["top1"],
-                baseline=trial.user_attrs.get("baseline"),
+    with tqdm(total=missing, desc="measuring on held-out text", disable=not progress or not missing) as bar:
+        for trial in trials:
+            metrics = held_out.stored(trial.number)
+            if metrics is None:
+                metrics = held_out(trial)
+                bar.update(1)
+            assert metrics is not None  # every study has an eval part
+            members.append(
+                FrontMember(
+                    trial=trial.number,
+                    bpw=trial.user_attrs["bpw"],
+                    search_kl=trial.values[0] if config.objectives[0] == "kl" else float("nan"),
+                    search_ppl=trial.user_attrs.get("ppl", float("nan")),
+                    eval_kl=metrics["kl"],
+                    eval_ppl=metrics["ppl"],
+                    eval_top1=metrics["top1"],
+                    baseline=trial.user_attrs.get("baseline"),
+                )
             )
-        )
-    bar.close()
     return members
 
 
@@ -126,17 +160,13 @@ def shortlist(
     if not eligible:
         raise QoptError(f"no completed trial of study {name!r} has bpw <= {max_bpw}")
     top = sorted(eligible, key=lambda t: t.values[0])[:candidates]
-    stored = study.user_attrs
-    run: SearchRun | None = None
+    validation = PartMetrics(study, config, "validation")
     out = []
     for t in tqdm(top, desc="measuring on validation text", disable=not progress or len(top) < 2):
-        validation = stored.get(f"{VALIDATION_ATTR_PREFIX}{t.number}")
-        if validation is None and len(top) > 1:
-            run = run or SearchRun(config)
-            if run.evaluator.split.validation is None or not len(run.evaluator.split.validation):
-                break  # no validation part: rank by search-part quality alone
-            validation = run.measure_part(study, load_trial(study, t.trial_id), "validation")
-        kl = validation["kl"] if validation is not None else None
+        metrics = validation(t) if len(top) > 1 else validation.stored(t.number)
+        if metrics is None and len(top) > 1:
+            break  # no validation part: rank by search-part quality alone
+        kl = metrics["kl"] if metrics is not None else None
         out.append(Candidate(t.number, t.user_attrs["bpw"], t.values[0], kl, t.trial_id))
     if len(out) < len(top):
         out = [Candidate(t.number, t.user_attrs["bpw"], t.values[0], None, t.trial_id) for t in top]
