@@ -209,7 +209,11 @@ def test_allocate_entries_seed_a_study_at_launch(tmp_path, tiny_llama_dir, small
         data=str(small_text),
         budget_bpw=4.5,
         population=4,
-        baselines=(3, {"allocate": 3.5, "windows": 1}, {"allocate": 4.5, "windows": 1, "proxy": "hessian"}),
+        baselines=(
+            3,
+            {"allocate": 3.5, "windows": 1},
+            {"allocate": 4.5, "windows": 1, "proxy": "hessian", "scales": ["absmax"], "outliers": ["none"]},
+        ),
         eval=EvalSettings(seq_len=64, search_windows=2, eval_windows=2, calib_windows=2, batch_size=2),
         search=SearchConfig(
             families=("bits", "rounding"), group_sizes=(32,), base=FP16.evolve(bits=4, group_size=32, rounding="gptq")
@@ -224,7 +228,8 @@ def test_allocate_entries_seed_a_study_at_launch(tmp_path, tiny_llama_dir, small
     for trial, budget in zip(study.trials[1:3], (3.5, 4.5), strict=True):
         assert trial.state.name == "COMPLETE" and trial.user_attrs["bpw"] <= budget
     stored = study.user_attrs[f"{COSTS_ATTR_PREFIX}1"]
-    assert f"{COSTS_ATTR_PREFIX}hessian:1" in study.user_attrs  # each proxy's costs, stored apart
+    narrow = study.user_attrs[f"{COSTS_ATTR_PREFIX}hessian:1:absmax+none"]  # each proxy's and menu's, apart
+    assert [c["bits"] for c in narrow["menu"]] == [c["bits"] for c in stored["menu"]]  # nothing to drop here
     space = qstudy.SearchRun(config).space
     # The menu is what this space can express: its bits, its base's scaling, both roundings.
     assert len(stored["menu"]) == len(space_menu(space)) == 6 * 2 + 1
@@ -244,6 +249,7 @@ def test_the_menu_offers_what_the_space_can_hold(tiny_llama_dir, small_text):
     assert {(c.scale, c.outliers) for c in full if c.quantizes_weights} == {
         ("absmax", "none"), ("absmax", "rotate"), ("mse", "none"), ("mse", "rotate"),
     }  # fmt: skip
+    spaces = {}
     for families, kinds, size in (
         (("bits", "scaling", "outliers", "rounding"), 4, 6 * 2 * 2 * 4),
         (("bits", "scaling", "rounding"), 2, 6 * 2 * 2 * 2),  # no rotation
@@ -253,8 +259,12 @@ def test_the_menu_offers_what_the_space_can_hold(tiny_llama_dir, small_text):
             model=str(tiny_llama_dir), data=str(small_text),
             search=SearchConfig(families=families, group_sizes=(32,), base=menu(32)[0].evolve(bits=4)),
         )  # fmt: skip
-        quantized = [c for c in space_menu(qstudy.SearchRun(config).space) if c.quantizes_weights]
+        spaces[families] = qstudy.SearchRun(config).space
+        quantized = [c for c in space_menu(spaces[families]) if c.quantizes_weights]
         assert len({(c.scale, c.outliers) for c in quantized}) == kinds and len(quantized) == size
+    full_space = spaces["bits", "scaling", "outliers", "rounding"]
+    narrow = [c for c in space_menu(full_space, scales=("absmax",), outliers=("rotate",)) if c.quantizes_weights]
+    assert {(c.scale, c.outliers) for c in narrow} == {("absmax", "rotate")} and len(narrow) == 6 * 2 * 2
 
 
 def test_malformed_allocate_entries_are_refused(tiny_llama_dir, small_text):
@@ -263,7 +273,9 @@ def test_malformed_allocate_entries_are_refused(tiny_llama_dir, small_text):
     for entry, message in (
         ({"allocate": -1}, "positive budget"),
         ({"allocate": 3, "windows": 0}, "positive number of search windows"),
-        ({"allocate": 3, "bits": 4}, "only allocate, windows and proxy"),
+        ({"allocate": 3, "bits": 4}, "only allocate, windows, proxy, scales and outliers"),
+        ({"allocate": 3, "scales": ["mse", "percentile"]}, "non-empty list of absmax, mse"),
+        ({"allocate": 3, "outliers": []}, "non-empty list of none, rotate"),
         ({"allocate": 3, "proxy": "fisher"}, "must be one of kl, hessian"),
     ):
         with pytest.raises(QoptError, match=message):

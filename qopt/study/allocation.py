@@ -29,8 +29,11 @@ from qopt.study.config import AllocatorSeed, StudyConfig, allocator_seeds
 COSTS_ATTR_PREFIX = "qopt:allocator-costs:"
 
 
-def space_menu(space: SearchSpace, candidates: Sequence[LayerConfig] | None = None) -> list[LayerConfig]:
-    """The allocator's menu (`qopt.allocate.menu`, or `candidates`) as this space expresses it.
+def space_menu(
+    space: SearchSpace, candidates: Sequence[LayerConfig] | None = None, **menu_options: Sequence[str]
+) -> list[LayerConfig]:
+    """The allocator's menu (`qopt.allocate.menu` with `menu_options`, or `candidates`) as
+    this space expresses it.
 
     By default bit-widths are those the space searches; the group size is the
     base's (or the largest every gene group allows). Each candidate is replaced
@@ -45,7 +48,7 @@ def space_menu(space: SearchSpace, candidates: Sequence[LayerConfig] | None = No
         if group_size is None and allowed:
             group_size = max(allowed)
         bits = [b for b in ALLOCATOR_BITS if b in space.config.bits] or [space.config.base.bits]
-        candidates = menu(group_size, bits=bits)
+        candidates = menu(group_size, bits=bits, **menu_options)
     configs: list[LayerConfig] = []
     for candidate in candidates:
         stored = _stored(space, candidate, space.groups[0].name)
@@ -91,9 +94,11 @@ def enqueue_seeds(study: optuna.Study, run, progress: bool = True) -> list[str]:
 
 def costs_key(seed: AllocatorSeed) -> str:
     """The study user attribute holding the costs `seed` is solved from (shared by
-    seeds with the same proxy and windows)."""
+    seeds with the same proxy, windows and menu)."""
     proxy = "" if seed.proxy == "kl" else f"{seed.proxy}:"
-    return f"{COSTS_ATTR_PREFIX}{proxy}{seed.windows or 'all'}"
+    default = AllocatorSeed(seed.budget_bpw)
+    menu = "" if seed.menu_options == default.menu_options else ":" + "+".join((*seed.scales, *seed.outliers))
+    return f"{COSTS_ATTR_PREFIX}{proxy}{seed.windows or 'all'}{menu}"
 
 
 def _costs(study: optuna.Study, run, seed: AllocatorSeed, progress: bool) -> LayerCosts:
@@ -101,7 +106,7 @@ def _costs(study: optuna.Study, run, seed: AllocatorSeed, progress: bool) -> Lay
     stored = run.db("reading the allocator's costs", lambda: study.user_attrs.get(key))
     if stored is not None:
         return LayerCosts.from_dict(stored, run.space.config_class)
-    configs = space_menu(run.space)
+    configs = space_menu(run.space, **seed.menu_options)
     n_layers = len(run.space.units)
     print(
         f"allocator: measuring {n_layers} layers x {len(configs) - 1} configs ({seed.proxy} proxy) on "

@@ -15,7 +15,7 @@ from typing import Any
 
 import optuna
 
-from qopt.allocate import PROXIES
+from qopt.allocate import ALLOCATOR_OUTLIERS, ALLOCATOR_SCALES, PROXIES
 from qopt.baselines import label
 from qopt.errors import QoptError
 from qopt.evaluate import EvalSettings
@@ -146,11 +146,20 @@ class StudyConfig:
 class AllocatorSeed:
     """A `{allocate: B}` baseline entry: the allocator's strategy at `budget_bpw`,
     its per-layer sensitivities measured with `proxy` (`qopt.allocate.PROXIES`) on
-    `windows` search windows (None: all)."""
+    `windows` search windows (None: all), over a menu with these scale rules and
+    outlier policies (`qopt.allocate.menu`; fewer make the costs cheaper to measure:
+    on SmolLM2-135M each GPTQ config with MSE scales costs seconds per layer)."""
 
     budget_bpw: float
     windows: int | None = None
     proxy: str = "kl"
+    scales: tuple[str, ...] = ALLOCATOR_SCALES
+    outliers: tuple[str, ...] = ALLOCATOR_OUTLIERS
+
+    @property
+    def menu_options(self) -> dict[str, tuple[str, ...]]:
+        """The `qopt.allocate.menu` arguments of its menu."""
+        return {"scales": self.scales, "outliers": self.outliers}
 
     @property
     def name(self) -> str:
@@ -164,10 +173,11 @@ def allocator_seeds(config: StudyConfig) -> list[AllocatorSeed]:
     for i, entry in enumerate(config.baselines):
         if not (isinstance(entry, Mapping) and "allocate" in entry):
             continue
-        unknown = set(entry) - {"allocate", "windows", "proxy"}
+        unknown = set(entry) - {"allocate", "windows", "proxy", "scales", "outliers"}
         if unknown:
             raise QoptError(
-                f"baselines[{i}]: an allocate entry takes only allocate, windows and proxy, not {sorted(unknown)}"
+                f"baselines[{i}]: an allocate entry takes only allocate, windows, proxy, scales and outliers, "
+                f"not {sorted(unknown)}"
             )
         budget, windows, proxy = entry["allocate"], entry.get("windows"), entry.get("proxy", "kl")
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
@@ -176,7 +186,13 @@ def allocator_seeds(config: StudyConfig) -> list[AllocatorSeed]:
             raise QoptError(f"baselines[{i}].windows: {windows!r} must be a positive number of search windows")
         if proxy not in PROXIES:
             raise QoptError(f"baselines[{i}].proxy: {proxy!r} must be one of {', '.join(PROXIES)}")
-        seeds.append(AllocatorSeed(float(budget), windows, proxy))
+        menu = {}
+        for key, allowed in (("scales", ALLOCATOR_SCALES), ("outliers", ALLOCATOR_OUTLIERS)):
+            chosen = entry.get(key, allowed)
+            if isinstance(chosen, str) or not chosen or not set(chosen) <= set(allowed):
+                raise QoptError(f"baselines[{i}].{key}: {chosen!r} must be a non-empty list of {', '.join(allowed)}")
+            menu[key] = tuple(chosen)
+        seeds.append(AllocatorSeed(float(budget), windows, proxy, **menu))
     return seeds
 
 
