@@ -466,7 +466,8 @@ def baseline_run(
     if allocating:
         from qopt.allocate import allocate, measure_costs, menu, proxy_fit
 
-        configs = menu(groups[0], scales=variants["scales"], outliers=("none", "rotate") if rotate else ("none",))
+        outliers = tuple("rotate" if r else "none" for r in variants["rotations"])
+        configs = menu(groups[0], scales=variants["scales"], outliers=outliers)
         if study_name is not None:
             from qopt.study.allocation import space_menu
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import optuna
 
-from qopt.allocate import ALLOCATOR_BITS, LayerCosts, measure_costs, menu, solve
+from qopt.allocate import ALLOCATOR_BITS, ALLOCATOR_OUTLIERS, ALLOCATOR_SCALES, LayerCosts, measure_costs, menu, solve
 from qopt.space import SearchSpace
 from qopt.strategy import LayerConfig
 from qopt.study.config import AllocatorSeed, StudyConfig, allocator_seeds
@@ -96,8 +96,8 @@ def costs_key(seed: AllocatorSeed) -> str:
     """The study user attribute holding the costs `seed` is solved from (shared by
     seeds with the same proxy, windows and menu)."""
     proxy = "" if seed.proxy == "kl" else f"{seed.proxy}:"
-    default = AllocatorSeed(seed.budget_bpw)
-    menu = "" if seed.menu_options == default.menu_options else ":" + "+".join((*seed.scales, *seed.outliers))
+    full = (seed.scales, seed.outliers) == (ALLOCATOR_SCALES, ALLOCATOR_OUTLIERS)
+    menu = "" if full else ":" + "+".join((*seed.scales, *seed.outliers))
     return f"{COSTS_ATTR_PREFIX}{proxy}{seed.windows or 'all'}{menu}"
 
 

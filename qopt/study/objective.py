@@ -139,10 +139,6 @@ class SearchRun:
 
         return verdict
 
-    def measure_held_out(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, float]:
-        """Measure a trial on the evaluation part and store the metrics in the study."""
-        return self.measure_part(study, trial, "eval")
-
     def measure_part(self, study: optuna.Study, trial: FrozenTrial, part: str) -> dict[str, float]:
         """Measure a trial on `part` ("eval" or "validation") and store the metrics in the study."""
         m = self.evaluator.evaluate(self.space.strategy(self.space.decode(trial.params)), part)
