@@ -32,6 +32,10 @@ library loaded from its CDN to keep the file small). Studies go to `runs/h1/`.
     python scripts/experiment_h1.py --quick    # a smoke run: fewer trials, seeds and baselines
     python scripts/experiment_h1.py --config studies/smollm2-135m.yaml --name smollm2-135m-h1 \
         --shipped-only --budgets 3.3,4.3 --seeded-trials 60
+
+Seeds of one run may go in parallel processes on the same database: beside a `--seeds 0` run,
+`--seeds 1,2 --costs-from h1-seeded-0` (once seed 0 has stored its allocator costs), then
+`--report-only --seeds 0,1,2` writes the report of all three.
 """
 
 from __future__ import annotations
@@ -372,6 +376,12 @@ def main() -> None:
     )
     parser.add_argument("--seeds", default=None, help="comma-separated sampler seeds (default 0,1,2; quick 0,1)")
     parser.add_argument(
+        "--costs-from",
+        default=None,
+        help="with --shipped-only: a study in the same database (e.g. h1-seeded-0 of a run still going) whose "
+        "allocator costs the first seed copies instead of measuring them",
+    )
+    parser.add_argument(
         "--base",
         default="{}",
         help='JSON genes over the default base (4-bit GPTQ g64 asym), e.g. \'{"granularity": "channel"}\'',
@@ -409,7 +419,7 @@ def main() -> None:
     for i, seed in enumerate(seeds):
         config = dataclasses.replace(base, seed=seed)
         with_seeds = args.shipped_only and i == 0  # seed trials are the same strategies in every seed's study
-        costs_from = f"h1-seeded-{seeds[0]}" if i else None
+        costs_from = f"h1-seeded-{seeds[0]}" if i else args.costs_from
         points += run_seeded(
             config, f"h1-seeded-{seed}", url, shipped, budgets, with_seeds, costs_from, launch=not args.report_only
         )
