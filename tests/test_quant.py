@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from qopt.quant import fake_quantize_activations, fake_quantize_weight, input_transform, lowprec_linear
+from qopt.quant import fake_quantize_activations, fake_quantize_weight, input_transform, lowprec_linear, scales
 from qopt.quant.formats import e4m3_round, float_levels
 from qopt.quant.outliers import rotation_matrix, topk_mask
 from qopt.quant.rounding import round_to_levels
@@ -125,6 +125,18 @@ def test_mse_scale_never_worse_than_absmax_per_block():
     err_mse = ((quantize_blocks(blocks, base.evolve(scale="mse").grid()) - blocks) ** 2).nansum(dim=1)
     assert (err_mse <= err_absmax + 1e-12).all()
     assert err_mse.sum() < err_absmax.sum()
+
+
+def test_mse_scale_search_is_the_same_in_any_chunking(monkeypatch):
+    """The clip search tries all factors per pass over a bounded chunk of blocks; the chunk
+    size must not change a single scale (NaN padding and a short last group included)."""
+    w = _weight()
+    w[0, :5] = float("nan")
+    grid = LayerConfig().evolve(bits=3, group_size=24, scale="mse").grid()
+    blocks = to_blocks(w, "group", 24)
+    whole = quantize_blocks(blocks, grid)
+    monkeypatch.setattr(scales, "_MSE_CHUNK", 11 * 24 * 3)  # three blocks per pass, a ragged last pass
+    assert torch.equal(quantize_blocks(blocks, grid).nan_to_num(7.0), whole.nan_to_num(7.0))
 
 
 def test_grids():

@@ -23,6 +23,8 @@ from qopt.quant.rounding import round_to_int, round_to_levels
 
 #: Shrink factors tried by the MSE clip search (1.0 = abs-max, no clipping).
 MSE_SHRINK_FACTORS = tuple(1.0 - 0.05 * i for i in range(11))
+# Elements (factors x blocks x block length) the MSE clip search holds at once: 1 MiB of fp32, cache-sized.
+_MSE_CHUNK = 1 << 18
 # Scales are stored in fp16: keep them inside its positive range.
 _FP16_TINY = 2.0**-24
 _FP16_MAX = 65504.0
@@ -163,16 +165,19 @@ def grid_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
 
 
 def _mse_shrink(blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
-    """Per block, the factor shrinking [lo, hi] that gives the least squared error."""
-    valid = ~torch.isnan(blocks)
-    best_err = torch.full((blocks.shape[0], 1), float("inf"), device=blocks.device)
-    best = torch.ones_like(best_err)
-    for factor in MSE_SHRINK_FACTORS:
-        hat = quantize_in_range(blocks, lo * factor, hi * factor, grid)
-        err = ((hat - blocks) ** 2).masked_fill(~valid, 0.0).sum(dim=1, keepdim=True)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, torch.full_like(best, factor), best)
+    """Per block ([n, len] -> [n, 1]), the factor shrinking [lo, hi] that gives the least
+    squared error (the first of `MSE_SHRINK_FACTORS` on a tie).
+
+    All factors are tried at once on up to `_MSE_CHUNK` elements per pass (factors x
+    blocks x block length), so memory stays bounded on an embedding-sized matrix."""
+    factors = torch.tensor(MSE_SHRINK_FACTORS, dtype=blocks.dtype, device=blocks.device).view(-1, 1, 1)
+    rows = max(1, _MSE_CHUNK // (len(MSE_SHRINK_FACTORS) * max(1, blocks.shape[1])))
+    best = torch.empty(blocks.shape[0], 1, dtype=blocks.dtype, device=blocks.device)
+    for start in range(0, blocks.shape[0], rows):
+        part = blocks[start : start + rows]
+        hat = quantize_in_range(part, lo[start : start + rows] * factors, hi[start : start + rows] * factors, grid)
+        err = ((hat - part) ** 2).masked_fill(torch.isnan(part), 0.0).sum(dim=2)  # [factors, rows]
+        best[start : start + rows, 0] = factors.view(-1)[err.argmin(dim=0)]
     return best
 
 
