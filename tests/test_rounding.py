@@ -9,7 +9,7 @@ import torch
 from qopt.bits import layer_cost
 from qopt.calibration import collect_activation_stats
 from qopt.errors import QoptError
-from qopt.quant import fake_quantize_weight, input_transform
+from qopt.quant import fake_quantize_weight, gptq, input_transform
 from qopt.quant.awq import output_error
 from qopt.quant.gptq import gptq_quantize
 from qopt.quant.hqq import hqq_quantize_in_range, optimize_zero
@@ -59,6 +59,22 @@ def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
         assert torch.allclose(
             gptq_quantize(w, hessian, config.grid())[0], fake_quantize_weight(w, config.quantization()), atol=1e-6
         )
+
+
+def test_gptq_reuses_a_hessians_factor_only_for_that_hessian(calibrated):
+    """The inverse-Hessian factor is memoised by content: the same Hessian (a new tensor) hits,
+    an equal-shaped other one (another layer, or a rotated basis) gets its own, and GPTQ's
+    result does not depend on whether the factor came from the memo."""
+    lm, stats = calibrated
+    name = LAYERS[0]
+    w, hessian = lm.unit(name).read_weight().float(), stats.hessian[name]
+    grid = LayerConfig().evolve(bits=3, group_size=32).grid()
+    gptq._factors.clear()
+    fresh = gptq_quantize(w, hessian, grid)[0]
+    assert torch.equal(gptq_quantize(w, hessian.clone(), grid)[0], fresh) and len(gptq._factors) == 1
+    other = hessian + torch.diag(hessian.diagonal())  # same shape, other content
+    assert not torch.equal(gptq.inverse_factor(other)[1], gptq.inverse_factor(hessian)[1])
+    assert len(gptq._factors) == 2
 
 
 def test_gptq_keeps_outliers_in_fp16_and_zeroes_dead_inputs(calibrated):

@@ -10,11 +10,17 @@ group, from the weights as updated so far; per-channel and per-tensor
 parameters from the whole matrix first. Any of qopt's grids and scale rules
 works, since a column is quantized by the same `quantize_in_range` as
 round-to-nearest.
+
+The inverse Hessian's factor depends only on the Hessian, so it is memoised by
+content for the last few Hessians: the allocator quantizes each layer in every
+config of its menu, and the configs that share a basis share the factor.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -26,6 +32,9 @@ from qopt.quant.scales import block_range, grid_params, to_blocks
 
 DAMP = 0.01
 BLOCK_COLUMNS = 128
+# Inverse-Hessian factors kept (by Hessian content): 4 of SmolLM2's widest ([1536, 1536]) are 36 MiB.
+_FACTORS_KEPT = 4
+_factors: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
 
 def gptq_quantize(
@@ -46,13 +55,9 @@ def gptq_quantize(
     passes on only its fp16 rounding error.
     """
     w = w.clone().float()
-    h = hessian.clone().float().to(w.device)
     n_cols = w.shape[1]
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    dead, h_inv = inverse_factor(hessian.to(w.device), damp)
     w[:, dead] = 0.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(n_cols, device=w.device)
-    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
     group = grid.group_size if grid.granularity == "group" else None
     if group is None:  # one range per row or for the whole tensor, from the matrix as it is
@@ -90,6 +95,26 @@ def gptq_quantize(
     lo_all = torch.cat([lo for lo, _ in ranges], dim=1).reshape(-1, 1)  # [out, n_groups] row-major = to_blocks
     hi_all = torch.cat([hi for _, hi in ranges], dim=1).reshape(-1, 1)
     return q_all, lo_all, hi_all
+
+
+def inverse_factor(hessian: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dead inputs ([in] bool: zero diagonal) and the upper Cholesky factor of the
+    dampened inverse Hessian ([in, in] fp32) that GPTQ sweeps with; memoised by the
+    Hessian's bytes, so a layer quantized again in another grid reuses it exactly."""
+    h = hessian.float()
+    key = (hashlib.blake2b(h.cpu().numpy().tobytes(), digest_size=16).digest(), h.shape, str(h.device), damp)
+    if key in _factors:
+        _factors.move_to_end(key)
+        return _factors[key]
+    h = h.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], device=h.device)
+    factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    _factors[key] = (dead, factor)
+    if len(_factors) > _FACTORS_KEPT:
+        _factors.popitem(last=False)
+    return dead, factor
 
 
 def _column_rounder(lo: torch.Tensor, hi: torch.Tensor, grid: QuantGrid) -> Callable[[torch.Tensor], torch.Tensor]:
