@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import time
@@ -84,6 +85,7 @@ class Point:
     kl: float
     ppl: float
     top1: float
+    fp_ppl: float = math.nan  # the unquantized model's perplexity on the same text, where recorded
 
 
 def measure_baselines(config: qstudy.StudyConfig, quick: bool, budgets: tuple[float, ...]) -> list[Point]:
@@ -177,9 +179,7 @@ def run_seeded(
                 continue
             h = measured(trial)
             source = "allocator" if label.startswith("Allocator") else "baseline"
-            points.append(
-                Point(source, label, None, trial.user_attrs["bpw"], trial.values[0], h["kl"], h["ppl"], h["top1"])
-            )
+            points.append(_trial_point(source, label, None, trial, h))
     for budget in budgets:
         try:
             trial, _ = qstudy.best(name, budget, url, candidates=5)
@@ -187,10 +187,15 @@ def run_seeded(
             continue
         h = measured(trial)
         label = f"trial {trial.number} (≤ {budget})"
-        points.append(
-            Point("seeded", label, config.seed, trial.user_attrs["bpw"], trial.values[0], h["kl"], h["ppl"], h["top1"])
-        )
+        points.append(_trial_point("seeded", label, config.seed, trial, h))
     return points
+
+
+def _trial_point(source: str, label: str, seed: int | None, trial: optuna.trial.FrozenTrial, held_out: dict) -> Point:
+    """A study trial as a Point; `held_out` is its `qstudy.PartMetrics` dict on the evaluation part."""
+    h = held_out
+    bpw, search_kl = trial.user_attrs["bpw"], trial.values[0]
+    return Point(source, label, seed, bpw, search_kl, h["kl"], h["ppl"], h["top1"], h.get("fp_ppl", math.nan))
 
 
 def best_under(points: list[Point], budget: float) -> Point | None:
@@ -255,6 +260,9 @@ def report(
             "| eval KL / perplexity (search KL), each seed |",
             "|---|---:|---:|---:|---:|---|",
         ]
+        fp_ppl = next((p.fp_ppl for p in points if not math.isnan(p.fp_ppl)), None)
+        if fp_ppl is not None:
+            lines.append(f"| unquantized | 16 | 0 | {fp_ppl:.3f} | 100% | |")
         base = best_under([p for p in points if p.source == "baseline"], budget)
         if base is not None:
             b = base
