@@ -35,7 +35,8 @@ library loaded from its CDN to keep the file small). Studies go to `runs/h1/`.
 
 Seeds of one run may go in parallel processes on the same database: beside a `--seeds 0` run,
 `--seeds 1,2 --costs-from h1-seeded-0` (once seed 0 has stored its allocator costs), then
-`--report-only --seeds 0,1,2` writes the report of all three.
+`--report-only --seeds 0,1,2` writes the report of all three (a `--costs-from` process measures only
+its own answers on held-out text, not the seed trials again).
 """
 
 from __future__ import annotations
@@ -426,7 +427,9 @@ def main() -> None:
     shipped = args.seeded_trials or (80 if args.quick else 450)
     for i, seed in enumerate(seeds):
         config = dataclasses.replace(base, seed=seed)
-        with_seeds = args.shipped_only and i == 0  # seed trials are the same strategies in every seed's study
+        # Seed trials are the same strategies in every seed's study: the first seed's measure them, and a
+        # process beside another (--costs-from) leaves them to that one's report (or to --report-only).
+        with_seeds = args.shipped_only and i == 0 and args.costs_from is None
         costs_from = f"h1-seeded-{seeds[0]}" if i else args.costs_from
         points += run_seeded(
             config, f"h1-seeded-{seed}", url, shipped, budgets, with_seeds, costs_from, launch=not args.report_only
