@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qopt.bits import layer_cost
+from qopt.calibration import ActivationStats
 from qopt.errors import QoptError
 from qopt.evaluate import Evaluator
 from qopt.model import QuantUnit
@@ -194,6 +195,21 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) ->
     return float(((d @ hessian.double()) * d).sum())
 
 
+def layer_output_errors(name: str, w: torch.Tensor, configs: _Menu, stats: ActivationStats) -> np.ndarray:
+    """`output_error` of layer `name`'s weight `w` [out, in] quantized in each of `configs`
+    (0 where a config leaves it 16-bit), with the calibration `stats`, its Hessians included:
+    the "hessian" proxy's per-layer work before its KL scaling. Shape [len(configs)]."""
+    assert stats.hessian is not None
+    hessian = stats.hessian[name].to(w.device)
+    errors = np.zeros(len(configs))
+    for j, config in enumerate(configs):
+        if config.quantizes_weights:
+            stored, transform = quantize_unit(name, w, config, stats, seed=0)
+            assert stored is not None
+            errors[j] = output_error(w, to_original_basis(stored.values, transform), hessian)
+    return errors
+
+
 def _kl_errors(evaluator: Evaluator, units: _Units, configs: _Menu, windows: int | None, progress: bool) -> np.ndarray:
     evaluator.quantizer.prepare([{u.name: c for u in units} for c in configs])  # calibration once, if needed
     error = np.zeros((len(units), len(configs)))
@@ -211,13 +227,7 @@ def _hessian_errors(
     pivot = anchor(configs)
     error = np.zeros((len(units), len(configs)))
     for i, unit in enumerate(tqdm(units, desc="layer sensitivity (Hessian proxy)", disable=not progress)):
-        w = unit.read_weight().float()
-        hessian = stats.hessian[unit.name].to(w.device)
-        for j, config in enumerate(configs):
-            if config.quantizes_weights:
-                stored, transform = quantize_unit(unit.name, w, config, stats, seed=0)
-                assert stored is not None
-                error[i, j] = output_error(w, to_original_basis(stored.values, transform), hessian)
+        error[i] = layer_output_errors(unit.name, unit.read_weight().float(), configs, stats)
         kl = _single_layer_kl(evaluator, unit, configs[pivot], windows)
         error[i] *= kl / error[i, pivot] if error[i, pivot] > 0 else 0.0
     return error

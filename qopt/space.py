@@ -465,8 +465,19 @@ def _nearest_allowed(gene: Gene, value: Any, genes: Mapping[str, Any], limits: M
     return allowed[0]
 
 
+#: The block number in a layer's name: `model.layers.15.mlp.up_proj` -> "15".
+_BLOCK_NUMBER = re.compile(r"\.(\d+)\.")
+
+
+def block_index(name: str) -> int | None:
+    """The transformer block a layer belongs to, from its name (`model.layers.15.mlp.up_proj` -> 15;
+    None for a layer outside the blocks)."""
+    match = _BLOCK_NUMBER.search(name)
+    return int(match.group(1)) if match else None
+
+
 def _block_of(name: str) -> str:
-    match = re.search(r"\.(\d+)\.", name)
+    match = _BLOCK_NUMBER.search(name)
     return f"block{match.group(1)}" if match else name
 
 

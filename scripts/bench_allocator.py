@@ -22,7 +22,6 @@ the config's calibration and search windows, in one run:
 from __future__ import annotations
 
 import argparse
-import re
 import resource
 import sys
 import time
@@ -32,9 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qopt.allocate import anchor, output_error  # noqa: E402
-from qopt.quant.weight import to_original_basis  # noqa: E402
-from qopt.quantizer import quantize_unit  # noqa: E402
+from qopt.allocate import anchor, layer_output_errors  # noqa: E402
+from qopt.space import block_index  # noqa: E402
 from qopt.strategy import EDGE_ROLES, LayerConfig, Strategy  # noqa: E402
 from qopt.study import StudyConfig  # noqa: E402
 from qopt.study.allocation import space_menu  # noqa: E402
@@ -44,24 +42,13 @@ from qopt.study.objective import SearchRun  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def block_of(name: str) -> int | None:
-    """The transformer block index in a layer's name (`model.layers.15.mlp.up_proj` -> 15)."""
-    match = re.search(r"\.(\d+)\.", name)
-    return int(match.group(1)) if match else None
-
-
 def menu_seconds(run: SearchRun, units, configs: list[LayerConfig]) -> list[float]:
     """Per unit: seconds to quantize it in every config of `configs` and measure the output errors."""
     stats = run.evaluator.quantizer.activation_stats(hessians=True)
     seconds = []
     for unit in units:
         start = time.perf_counter()
-        w = unit.read_weight().float()
-        hessian = stats.hessian[unit.name].to(w.device)
-        for config in configs:
-            if config.quantizes_weights:
-                stored, transform = quantize_unit(unit.name, w, config, stats, seed=0)
-                output_error(w, to_original_basis(stored.values, transform), hessian)
+        layer_output_errors(unit.name, unit.read_weight().float(), configs, stats)
         seconds.append(time.perf_counter() - start)
     return seconds
 
@@ -75,9 +62,9 @@ def main() -> None:
     config = StudyConfig.load(args.config)
     run = SearchRun(config)
     units = [u for u in run.lm.units if u.role not in EDGE_ROLES]
-    blocks = sorted({block_of(u.name) for u in units} - {None})
+    blocks = sorted({block_index(u.name) for u in units} - {None})
     block = blocks[len(blocks) // 2] if args.block is None else args.block
-    chosen = [u for u in units if block_of(u.name) == block]
+    chosen = [u for u in units if block_index(u.name) == block]
     if not chosen:
         raise SystemExit(f"no block {block}: the model has blocks {blocks[0]}..{blocks[-1]}")
 
